@@ -1,0 +1,51 @@
+from setuptools import find_packages, setup
+
+# onnxruntime-gpu has wheels for x86-64 Linux and Windows only; elsewhere (macOS, ARM) use the
+# plain CPU package. Never both: they install the same module and overwrite each other.
+_GPU_WHEELS = (
+    "(platform_system == 'Linux' or platform_system == 'Windows')"
+    " and (platform_machine == 'x86_64' or platform_machine == 'AMD64')"
+)
+_NO_GPU_WHEELS = (  # the exact complement of _GPU_WHEELS (markers have no "not")
+    "(platform_system != 'Linux' and platform_system != 'Windows')"
+    " or (platform_machine != 'x86_64' and platform_machine != 'AMD64')"
+)
+
+setup(
+    name="t5vh_fast",
+    version="0.1.0",
+    description="Fast, parity-checked ONNX Runtime inference for T5 policies with a value head (PPO rollouts and scoring)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=find_packages(include=["t5vh_fast", "t5vh_fast.*"]),
+    install_requires=[
+        "numpy>=1.24",
+        f"onnxruntime-gpu>=1.20; {_GPU_WHEELS}",
+        f"onnxruntime>=1.20; {_NO_GPU_WHEELS}",
+        "tokenizers>=0.15",
+        "click>=8.0",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        # Install torch==2.13.0 first (pip install torch==2.13.0): an unpinned torch pulls a multi-GB CUDA build.
+        "export": [
+            "torch>=2.1",
+            "transformers>=4.45,<4.58",
+            "optimum~=2.1.0",
+            "optimum-onnx==0.1.0",
+            "onnx>=1.15",
+            "safetensors>=0.4",
+            "sentencepiece>=0.1.99",
+        ],
+        "test": ["pytest>=7", "scipy>=1.10", "psutil>=5.9", "matplotlib>=3.6"],
+        "bench": ["psutil>=5.9", "matplotlib>=3.6", "ctranslate2>=4.0"],
+    },
+    entry_points={
+        "console_scripts": [
+            "t5vh-export=t5vh_fast.cli:export_command",
+            "t5vh-demo=t5vh_fast.cli:demo_command",
+            "t5vh-sample=t5vh_fast.cli:sample_command",
+        ]
+    },
+)

@@ -1,0 +1,225 @@
+"""Command-line entry points. Thin: the logic lives in the library.
+
+Errors from the library become one-line ``click.ClickException``s here, at the
+boundary, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import time
+from pathlib import Path
+
+import click
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, FloatingPointError)
+
+
+def user_errors(func):
+    """Turn the library's user-facing errors into one clean line and exit status 1."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except USER_ERRORS as exc:
+            raise click.ClickException(str(exc)) from None
+        except RuntimeError as exc:  # parity failures and provider failures: still one message
+            raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
+
+    return wrapper
+
+
+def _echo_err(message: str) -> None:
+    click.echo(message, err=True)
+
+
+# ---------------------------------------------------------------------- t5vh-export
+
+
+@click.command(name="t5vh-export")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Export directory [default: MODEL_DIR-onnx].")
+@click.option("--force", is_flag=True, help="Replace an existing export directory.")
+@click.option("--merged/--no-merged", default=True, show_default=True, help="Also write decoder_model_merged.onnx.")
+@click.option("--opset", type=int, default=None, help="ONNX opset [default: Optimum's for T5].")
+@click.option("--allow-pickle", is_flag=True, help="Read a .bin (pickle) checkpoint. Only for files you trust.")
+@click.option("--strict", is_flag=True, help="Fail instead of warning when the value-head weights are missing.")
+@user_errors
+def export_command(model_dir, output, force, merged, opset, allow_pickle, strict):
+    """Export a T5 value-head model to ONNX, checked against PyTorch.
+
+    Writes encoder and decoder graphs (the decoders also output `value`),
+    config and tokenizer files, and t5vh_manifest.json with hashes and the
+    parity report. Nothing is left behind if anything fails.
+
+    \b
+    Example:
+        t5vh-demo write demo-model
+        t5vh-export demo-model            # writes demo-model-onnx/
+        t5vh-export demo-model -o out --force --no-merged
+    """
+    from .export import export
+
+    start = time.perf_counter()
+    out = export(
+        model_dir, output, force=force, merged=merged, opset=opset, allow_pickle=allow_pickle, strict=strict, log=_echo_err
+    )
+    click.echo(f"exported {model_dir} to {out} in {time.perf_counter() - start:.1f} s")
+
+
+# ---------------------------------------------------------------------- t5vh-demo
+
+
+@click.group(name="t5vh-demo")
+def demo_command():
+    """The built-in demo model: seeded random T5 weights and a locally trained tokenizer.
+
+    \b
+    Example:
+        t5vh-demo write demo-model --size tiny
+        t5vh-demo run --size small
+    """
+
+
+@demo_command.command(name="write")
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--size", type=click.Choice(["tiny", "small"]), default="tiny", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--family", type=click.Choice(["t5", "t5-v1_1", "mt5"]), default="t5", show_default=True)
+@click.option("--head-layout", type=click.Choice(["seed", "trl"]), default="seed", show_default=True)
+@click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
+@user_errors
+def demo_write(out_dir, size, seed, family, head_layout, force):
+    """Write the demo model (safetensors + tokenizer) to OUT_DIR.
+
+    \b
+    Example:
+        t5vh-demo write demo-model --size small
+    """
+    from .demo import write_demo
+
+    write_demo(out_dir, size=size, seed=seed, family=family, head_layout=head_layout, force=force)
+    click.echo(f"wrote the {size} demo model to {out_dir}")
+
+
+def demo_export(size: str, cache_dir: Path, log=_echo_err) -> Path:
+    """The demo model's export in ``cache_dir``, built (deterministically) on first use."""
+    from .demo import write_demo
+    from .export import export
+    from .manifest import ExportError, read_manifest
+
+    model_dir = cache_dir / f"demo-{size}"
+    export_dir = cache_dir / f"demo-{size}-onnx"
+    try:
+        read_manifest(export_dir)
+        return export_dir
+    except (FileNotFoundError, ExportError):
+        pass
+    log(f"building the {size} demo model in {model_dir} ...")
+    write_demo(model_dir, size=size, force=True)
+    return export(model_dir, export_dir, force=True, log=log)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("T5VH_CACHE", Path.home() / ".cache" / "t5vh_fast"))
+
+
+@demo_command.command(name="run")
+@click.option("--size", type=click.Choice(["tiny", "small"]), default="small", show_default=True)
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help="[default: $T5VH_CACHE or ~/.cache/t5vh_fast]")
+@click.option("--txt-len", type=int, default=32, show_default=True)
+@click.option("--threads", type=int, default=None)
+@user_errors
+def demo_run(size, cache_dir, txt_len, threads):
+    """Export the demo model, sample responses, check parity with PyTorch, time both.
+
+    \b
+    Example:
+        t5vh-demo run --size tiny --txt-len 16
+    """
+    import numpy as np
+    import torch
+
+    from . import load
+    from .modeling import load_reference
+
+    cache_dir = cache_dir or default_cache_dir()
+    export_dir = demo_export(size, cache_dir)
+    policy = load(export_dir, threads=threads)
+    click.echo(f"providers: {policy.providers}")
+    queries = ["paraphrase: Which course should I take to get started in data science?", "How do I cook rice?"]
+    for query, response in zip(queries, policy.respond_to_text(queries, txt_len=txt_len, seed=0)):
+        click.echo(f"  {query!r} -> {response!r}")
+
+    reference = load_reference(cache_dir / f"demo-{size}")
+    if threads:
+        torch.set_num_threads(threads)
+    ids, mask = policy.encode_text(queries * 4)
+    uniforms = np.random.default_rng(0).random((ids.shape[0], txt_len))
+    start = time.perf_counter()
+    ours = policy.respond_to_batch(ids, mask, txt_len=txt_len, uniforms=uniforms)
+    ours_s = time.perf_counter() - start
+    start = time.perf_counter()
+    ref = reference.respond_to_batch(torch.from_numpy(ids), torch.from_numpy(mask), txt_len=txt_len, uniforms=uniforms)
+    ref_s = time.perf_counter() - start
+    same = float((ours.tokens == ref.tokens.numpy()).mean())
+    click.echo(
+        f"parity vs PyTorch (shared uniforms, {ids.shape[0]} rows x {txt_len}): tokens identical {same:.1%}, "
+        f"max |logprob diff| {np.abs(ours.logprobs - ref.logprobs.numpy()).max():.2e}, "
+        f"max |value diff| {np.abs(ours.values - ref.values.numpy()).max():.2e}"
+    )
+    n = ids.shape[0] * txt_len
+    click.echo(
+        f"speed: t5vh {n / ours_s:.0f} tok/s, PyTorch reference (KV cache) {n / ref_s:.0f} tok/s "
+        f"({ref_s / ours_s:.1f}x) at batch {ids.shape[0]}"
+    )
+
+
+# ---------------------------------------------------------------------- t5vh-sample
+
+
+@click.command(name="t5vh-sample")
+@click.argument("export_dir", type=click.Path(path_type=Path))
+@click.argument("texts", nargs=-1, required=True)
+@click.option("--txt-len", type=int, default=20, show_default=True, help="Tokens per response (exactly).")
+@click.option("--top-k", type=int, default=0, show_default=True, help="0 = off.")
+@click.option("--top-p", type=float, default=1.0, show_default=True, help="1.0 = off.")
+@click.option("--seed", type=int, default=None, help="Seed for reproducible samples.")
+@click.option("-n", "--num-return-sequences", type=int, default=1, show_default=True)
+@click.option("--providers", default="auto", show_default=True, help="auto, cpu, cuda or tensorrt.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines with tokens, logprobs and values.")
+@user_errors
+def sample_command(export_dir, texts, txt_len, top_k, top_p, seed, num_return_sequences, providers, as_json):
+    """Sample responses to TEXTS from an export (the seed notebook's paraphrase demo).
+
+    \b
+    Example:
+        t5vh-sample demo-model-onnx "paraphrase: Which course should I take?" -n 3 --top-k 100 --top-p 0.95 --seed 0
+    """
+    from . import load
+
+    if num_return_sequences < 1:
+        raise click.BadParameter(f"must be >= 1, got {num_return_sequences}", param_hint="--num-return-sequences")
+    policy = load(export_dir, providers=providers)
+    repeated = [t for t in texts for _ in range(num_return_sequences)]
+    ids, mask = policy.encode_text(repeated)
+    rollout = policy.respond_to_batch(ids, mask, txt_len=txt_len, top_k=top_k, top_p=top_p, seed=seed)
+    responses = policy.decode_text(rollout.tokens)
+    for row, (text, response) in enumerate(zip(repeated, responses)):
+        if as_json:
+            record = {
+                "query": text,
+                "response": response,
+                "response_ids": rollout.tokens[row].tolist(),
+                "logprobs": rollout.logprobs[row].tolist(),
+                "values": rollout.values[row].tolist(),
+            }
+            click.echo(json.dumps(record))
+        else:
+            if row % num_return_sequences == 0:
+                click.echo(f"{text}")
+            click.echo(f"  {row % num_return_sequences}: {response}")

@@ -1,0 +1,94 @@
+"""Post-export check: every graph under onnxruntime against the PyTorch model.
+
+Inputs are seeded: a batch of right-padded queries of different lengths and a
+few decoder tokens, run teacher-forced through the first-step graph and step
+by step through the KV cache. Tolerance (DESIGN.md §5):
+``1e-4 * max(1, max |reference|)`` per tensor compared.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..manifest import DECODER, DECODER_MERGED, DECODER_WITH_PAST, ENCODER
+from ..session import Graphs
+
+TOLERANCE = "1e-4 * max(1, max|reference|)"
+
+
+def tolerance(reference: np.ndarray) -> float:
+    return 1e-4 * max(1.0, float(np.abs(reference).max()))
+
+
+def _compare(name: str, onnx_value: np.ndarray, reference: np.ndarray, report: dict) -> None:
+    report[f"{name}_max_abs_diff"] = max(
+        report.get(f"{name}_max_abs_diff", 0.0), float(np.abs(onnx_value - reference).max())
+    )
+    report[f"{name}_tol"] = max(report.get(f"{name}_tol", 0.0), tolerance(reference))
+
+
+def seeded_inputs(vocab_size: int, *, seed: int = 0, lengths=(9, 5, 7), steps: int = 4):
+    rng = np.random.default_rng(seed)
+    ids = np.zeros((len(lengths), max(lengths)), dtype=np.int64)
+    mask = np.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, :n] = rng.integers(3, vocab_size, size=n)
+        ids[row, n - 1] = 1  # </s>
+        mask[row, :n] = 1
+    decoder_ids = rng.integers(3, vocab_size, size=(len(lengths), steps))
+    return ids, mask, decoder_ids
+
+
+def check_export(model, root: Path, *, merged: bool, seed: int = 0) -> dict:
+    """Max |diff| of encoder output, logits and values per graph; each entry has ``ok``."""
+    config = model.config
+    ids, mask, decoder_ids = seeded_inputs(config.vocab_size, seed=seed)
+    decoder_ids[:, 0] = config.decoder_start_token_id
+    with torch.no_grad():
+        ref = model(
+            input_ids=torch.from_numpy(ids),
+            attention_mask=torch.from_numpy(mask),
+            decoder_input_ids=torch.from_numpy(decoder_ids),
+        )
+    ref_hidden = ref.encoder_last_hidden_state.numpy()
+    ref_logits, ref_values = ref.logits.float().numpy(), ref.value.float().numpy()
+
+    report = {ENCODER: {}, DECODER: {}, DECODER_WITH_PAST: {}}
+    layouts = ["split"] + (["merged"] if merged else [])
+    if merged:
+        report[DECODER_MERGED] = {}
+    for layout in layouts:
+        graphs = Graphs(root, providers="cpu", decoder=layout)
+        state = graphs.encode(ids, mask)
+        if layout == "split":
+            _compare("hidden", state.encoder_hidden.numpy(), ref_hidden, report[ENCODER])
+        first = DECODER if layout == "split" else DECODER_MERGED
+        later = DECODER_WITH_PAST if layout == "split" else DECODER_MERGED
+        # teacher-forced, all positions at once (what scoring does)
+        logits, values, _ = graphs.decode(state, decoder_ids)
+        _compare("logits", logits, ref_logits, report[first])
+        _compare("values", values, ref_values, report[first])
+        # step by step through the KV cache (what sampling does)
+        for t in range(decoder_ids.shape[1]):
+            logits, values, state = graphs.decode(state, decoder_ids[:, t : t + 1])
+            graph = first if t == 0 else later
+            _compare("logits", logits[:, -1], ref_logits[:, t], report[graph])
+            _compare("values", values[:, -1], ref_values[:, t], report[graph])
+    for entry in report.values():
+        entry["ok"] = all(entry[k] <= entry[k.replace("max_abs_diff", "tol")] for k in entry if k.endswith("diff"))
+    return report
+
+
+def format_report(report: dict) -> str:
+    lines = []
+    for graph, entry in report.items():
+        parts = [
+            f"{k.replace('_max_abs_diff', '')} {entry[k]:.2e} (tol {entry[k.replace('max_abs_diff', 'tol')]:.1e})"
+            for k in entry
+            if k.endswith("diff")
+        ]
+        lines.append(f"  {graph:30s} {'ok  ' if entry['ok'] else 'FAIL'} " + ", ".join(parts))
+    return "\n".join(lines)

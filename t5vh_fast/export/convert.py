@@ -1,0 +1,170 @@
+"""``export(model_dir)``: Optimum ONNX export with the value output, checked, with a manifest.
+
+The export is built in a temporary directory beside the output and renamed
+into place only after the parity check passed: an interrupted or failed
+export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from importlib import metadata
+from pathlib import Path
+from typing import Callable, Optional
+
+from ..demo import replace_dir
+from ..manifest import (
+    DECODER,
+    DECODER_MERGED,
+    DECODER_WITH_PAST,
+    ENCODER,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    sha256_file,
+    write_json_atomic,
+)
+from ..modeling import load_reference
+from .check import TOLERANCE, check_export, format_report
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model", "added_tokens.json")
+
+
+class ExportParityError(RuntimeError):
+    """The exported graphs do not match the PyTorch model within tolerance."""
+
+
+def default_output_dir(model_dir) -> Path:
+    return Path(str(Path(model_dir).expanduser()).rstrip("/") + "-onnx")
+
+
+def export(
+    model_dir,
+    output_dir=None,
+    *,
+    force: bool = False,
+    merged: bool = True,
+    opset: Optional[int] = None,
+    allow_pickle: bool = False,
+    strict: bool = False,
+    log: Callable[[str], None] = lambda message: None,
+) -> Path:
+    """Export ``model_dir`` to ONNX in ``output_dir`` (default ``<model_dir>-onnx``); returns the path.
+
+    Refuses an existing ``output_dir`` unless ``force``. ``merged`` also writes
+    ``decoder_model_merged.onnx``. Raises ``ExportParityError`` (and writes
+    nothing) when a graph misses the DESIGN.md tolerance.
+    """
+    out = Path(output_dir).expanduser() if output_dir is not None else default_output_dir(model_dir)
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} already exists: pass --force (force=True) to replace it")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise NotADirectoryError(f"cannot write {out}: {out.parent} is a file, not a directory")
+    model = load_reference(model_dir, strict=strict, allow_pickle=allow_pickle)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial.", dir=out.parent))
+    except OSError as exc:
+        raise PermissionError(f"cannot write the export at {out}: {exc.strerror}") from None
+    try:
+        files = _export_graphs(model, tmp, merged=merged, opset=opset, log=log)
+        _save_side_files(model, Path(model_dir).expanduser(), tmp)
+        log("checking every graph against PyTorch ...")
+        report = check_export(model, tmp, merged=merged)
+        log(format_report(report))
+        failed = [g for g, entry in report.items() if not entry["ok"]]
+        if failed:
+            raise ExportParityError(
+                f"export does not match PyTorch within {TOLERANCE} for {failed}:\n{format_report(report)}"
+            )
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "head_layout": model.head_layout,
+            "model_type": model.config.model_type,
+            "tie_word_embeddings": bool(model.config.tie_word_embeddings),
+            "dtype": "fp32",
+            "quantization": None,
+            "opset": files.pop("_opset"),
+            "versions": library_versions(),
+            "files": {name: sha256_file(tmp / name) for name in files},
+            "parity": {"tolerance": TOLERANCE, "graphs": report},
+            "source": str(Path(model_dir).expanduser().resolve()),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        write_json_atomic(tmp / MANIFEST_NAME, manifest)
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    sizes = ", ".join(f"{name} {(out / name).stat().st_size / 1e6:.1f} MB" for name in manifest["files"])
+    log(f"wrote {out}: {sizes}")
+    return out
+
+
+def _export_graphs(model, tmp: Path, *, merged: bool, opset: Optional[int], log) -> dict:
+    """Write the encoder and both decoder graphs (and the merged decoder); returns {file: True, "_opset": n}."""
+    from optimum.exporters.onnx.convert import export_models
+    from optimum.exporters.utils import get_encoder_decoder_models_for_export
+
+    from .onnx_config import TASK, T5ValueHeadOnnxConfig
+
+    onnx_config = T5ValueHeadOnnxConfig(model.config, task=TASK, use_past=True)
+    opset = opset or onnx_config.DEFAULT_ONNX_OPSET
+    # Optimum's patcher sets config.use_cache on every submodule and leaves it set: put it back after.
+    saved = {id(m.config): (m.config, m.config.use_cache) for m in model.modules() if hasattr(getattr(m, "config", None), "use_cache")}
+    files = {}
+    try:
+        for name, model_and_config in get_encoder_decoder_models_for_export(model, onnx_config).items():
+            start = time.perf_counter()
+            log(f"exporting {name}.onnx ...")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                export_models({name: model_and_config}, tmp, opset=opset, output_names=[f"{name}.onnx"])
+            log(f"  {name}.onnx done in {time.perf_counter() - start:.1f} s")
+            files[f"{name}.onnx"] = True
+    finally:
+        for config, use_cache in saved.values():
+            config.use_cache = use_cache
+    if set(files) != {ENCODER, DECODER, DECODER_WITH_PAST}:
+        raise RuntimeError(f"Optimum exported {sorted(files)}, expected {ENCODER}, {DECODER}, {DECODER_WITH_PAST}")
+    if merged:
+        from optimum.onnx import merge_decoders
+
+        start = time.perf_counter()
+        log(f"merging the decoders into {DECODER_MERGED} ...")
+        # strict=False: the with-past decoder does not output the (constant) cross-attention K/V
+        merge_decoders(tmp / DECODER, tmp / DECODER_WITH_PAST, save_path=tmp / DECODER_MERGED, strict=False)
+        log(f"  {DECODER_MERGED} done in {time.perf_counter() - start:.1f} s")
+        files[DECODER_MERGED] = True
+    files["_opset"] = opset
+    return files
+
+
+def _save_side_files(model, model_dir: Path, tmp: Path) -> None:
+    """config.json, generation_config.json and the tokenizer files, as Optimum's export does."""
+    model.config.save_pretrained(tmp)
+    model.generation_config.save_pretrained(tmp)
+    for name in TOKENIZER_FILES:
+        if (model_dir / name).is_file():
+            shutil.copy2(model_dir / name, tmp / name)
+    if not (tmp / "tokenizer.json").exists() and (model_dir / "spiece.model").is_file():
+        try:  # a slow (sentencepiece) tokenizer only: write the fast tokenizer.json the runtime reads
+            from transformers import AutoTokenizer
+
+            AutoTokenizer.from_pretrained(model_dir, use_fast=True).save_pretrained(tmp)
+        except Exception as exc:  # the export is still usable with token ids
+            warnings.warn(f"could not write tokenizer.json ({exc}); the export will accept token ids only")
+
+
+def library_versions() -> dict:
+    versions = {}
+    for name in ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime-gpu", "onnxruntime", "t5vh_fast"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions

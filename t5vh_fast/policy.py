@@ -1,0 +1,120 @@
+"""``load(export_dir)``: the ONNX policy, with sampling and scoring. No torch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional, Sequence, Union
+
+import numpy as np
+
+from .inputs import as_token_batch, pad_batch
+from .manifest import read_manifest
+from .results import Rollout, Scores
+from .rollout import respond
+from .scoring import score as _score
+from .session import Graphs
+
+
+class OnnxPolicy:
+    """A T5 value-head policy exported by ``t5vh-export``, run by ONNX Runtime."""
+
+    def __init__(self, root: Path, manifest: dict, graphs: Graphs):
+        self.root = root
+        self.manifest = manifest
+        self.graphs = graphs
+        config = json.loads((root / "config.json").read_text())
+        self.vocab_size = int(config["vocab_size"])
+        self.decoder_start_token_id = int(config.get("decoder_start_token_id", 0) or 0)
+        self.eos_token_id = config.get("eos_token_id", 1)
+        self.pad_token_id = int(config.get("pad_token_id", 0) or 0)
+        self._tokenizer = None
+
+    @property
+    def providers(self) -> List[str]:
+        """The onnxruntime providers actually in use (CUDA only if it really started)."""
+        return self.graphs.providers
+
+    @property
+    def tokenizer(self):
+        """The export's ``tokenizers.Tokenizer`` (``tokenizer.json``)."""
+        if self._tokenizer is None:
+            path = self.root / "tokenizer.json"
+            if not path.is_file():
+                raise FileNotFoundError(f"{self.root} has no tokenizer.json: pass token ids instead of text")
+            from tokenizers import Tokenizer
+
+            self._tokenizer = Tokenizer.from_file(str(path))
+        return self._tokenizer
+
+    def respond_to_batch(
+        self,
+        query_ids,
+        attention_mask=None,
+        *,
+        txt_len: int = 20,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: Optional[int] = None,
+        uniforms=None,
+    ) -> Rollout:
+        """Sample exactly ``txt_len`` tokens per query (B x S right-padded ids + mask)."""
+        ids, mask = as_token_batch(query_ids, attention_mask, vocab_size=self.vocab_size)
+        return respond(
+            self.graphs,
+            ids,
+            mask,
+            decoder_start_token_id=self.decoder_start_token_id,
+            txt_len=txt_len,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            uniforms=uniforms,
+        )
+
+    def score(self, query_ids, response_ids, attention_mask=None, response_mask=None) -> Scores:
+        """Teacher-forced log-probs, values and entropy of given responses."""
+        ids, mask = as_token_batch(query_ids, attention_mask, vocab_size=self.vocab_size)
+        resp, resp_mask = as_token_batch(response_ids, response_mask, vocab_size=self.vocab_size, name="response_ids")
+        if resp.shape[0] != ids.shape[0]:
+            raise ValueError(f"{ids.shape[0]} queries but {resp.shape[0]} responses: one response per query")
+        return _score(self.graphs, ids, mask, resp, resp_mask, decoder_start_token_id=self.decoder_start_token_id)
+
+    # ------------------------------------------------------------------ text
+
+    def encode_text(self, texts: Sequence[str]):
+        """Tokenize (appending ``</s>``) and right-pad: ``(ids, attention_mask)``."""
+        if isinstance(texts, str):
+            texts = [texts]
+        return pad_batch([e.ids for e in self.tokenizer.encode_batch(list(texts))], pad_id=self.pad_token_id)
+
+    def decode_text(self, token_ids) -> List[str]:
+        """Detokenize rows, skipping special tokens and ids the tokenizer does not have."""
+        size = self.tokenizer.get_vocab_size()
+        return [self.tokenizer.decode([int(t) for t in row if t < size]) for row in np.asarray(token_ids)]
+
+    def respond_to_text(self, texts: Sequence[str], **options) -> List[str]:
+        """Text in, text out: ``respond_to_batch`` on the tokenized texts, decoded."""
+        ids, mask = self.encode_text(texts)
+        return self.decode_text(self.respond_to_batch(ids, mask, **options).tokens)
+
+
+def load(
+    export_dir: Union[str, Path],
+    *,
+    providers: Union[str, Sequence[str]] = "auto",
+    threads: Optional[int] = None,
+    decoder: str = "split",
+    verify: bool = True,
+) -> OnnxPolicy:
+    """Load an export made by ``t5vh-export``.
+
+    ``providers``: ``"auto"`` (CUDA when it really works, else CPU), ``"cpu"``,
+    ``"cuda"``, ``"tensorrt"`` or an onnxruntime provider list. ``decoder``:
+    ``"split"`` (two decoder graphs) or ``"merged"`` (one graph, less memory).
+    The manifest is checked first: format version and the sha256 of every
+    graph (``verify=False`` skips the hashes, not the version).
+    """
+    root = Path(export_dir).expanduser()
+    manifest = read_manifest(root, verify_hashes=verify)
+    return OnnxPolicy(root, manifest, Graphs(root, providers=providers, threads=threads, decoder=decoder))

@@ -1,0 +1,63 @@
+"""The respond_to_batch loop: encoder once, then one decoder call per new token."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from .inputs import check_sampling_options, check_uniforms
+from .results import Rollout
+from .sampling import check_finite, draw, filter_logits, logsumexp, token_logprobs
+from .session import Graphs
+
+
+def respond(
+    graphs: Graphs,
+    ids: np.ndarray,
+    mask: np.ndarray,
+    *,
+    decoder_start_token_id: int,
+    txt_len: int,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: Optional[int] = None,
+    uniforms=None,
+) -> Rollout:
+    """Sample exactly ``txt_len`` tokens per row (DESIGN.md §2 and the RNG contract of §4).
+
+    ``ids``/``mask`` are checked B x S int64 arrays. The decoder runs exactly
+    ``txt_len`` times: the last token is drawn from the last call's logits.
+    """
+    check_sampling_options(txt_len, top_k, top_p)
+    batch = ids.shape[0]
+    u = check_uniforms(uniforms, batch, txt_len)
+    rng = np.random.Generator(np.random.PCG64(seed)) if u is None else None
+    filtering = top_k > 0 or top_p < 1.0
+
+    tokens = np.empty((batch, txt_len), dtype=np.int64)
+    logprobs = np.empty((batch, txt_len), dtype=np.float32)
+    values = np.empty((batch, txt_len), dtype=np.float32)
+    sampling_logprobs = np.empty((batch, txt_len), dtype=np.float32) if filtering else None
+
+    state = graphs.encode(ids, mask)
+    step_input = np.full((batch, 1), decoder_start_token_id, dtype=np.int64)
+    for t in range(txt_len):
+        logits, value, state = graphs.decode(state, step_input)
+        logits = logits[:, -1]
+        lse = logsumexp(logits)
+        check_finite(lse, t)
+        step_u = u[:, t] if u is not None else rng.random(batch)
+        if filtering:
+            filtered = filter_logits(logits, top_k=top_k, top_p=top_p)
+            token = draw(filtered, step_u)
+            sampling_logprobs[:, t] = token_logprobs(filtered, token)
+        else:
+            token = draw(logits, step_u)
+        tokens[:, t] = token
+        logprobs[:, t] = token_logprobs(logits, token, lse)
+        values[:, t] = value[:, -1]
+        step_input = token[:, None]
+    return Rollout(
+        tokens=tokens, logprobs=logprobs, values=values, attention_mask=mask, sampling_logprobs=sampling_logprobs
+    )

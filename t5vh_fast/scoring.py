@@ -1,0 +1,60 @@
+"""Teacher-forced scoring: log-probs, values, entropy in one decoder pass; KL and PPO reward."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+from .results import Scores
+from .sampling import logsumexp
+from .session import Graphs
+
+
+def score(graphs: Graphs, ids, mask, responses, response_mask, *, decoder_start_token_id: int) -> Scores:
+    """Score checked B x T ``responses`` for checked B x S queries: one encoder and one decoder call."""
+    decoder_ids = np.concatenate(
+        [np.full((responses.shape[0], 1), decoder_start_token_id, dtype=np.int64), responses[:, :-1]], axis=1
+    )
+    state = graphs.encode(ids, mask)
+    logits, values, _ = graphs.decode(state, decoder_ids)
+    batch, length, vocab = logits.shape
+    flat = logits.reshape(batch * length, vocab)
+    lse = logsumexp(flat)
+    chosen = np.take_along_axis(flat, responses.reshape(-1, 1), axis=-1)[:, 0]
+    probs = np.exp(flat - lse[:, None])
+    entropy = lse - np.einsum("ij,ij->i", probs, flat)
+    keep = response_mask.astype(np.float32)
+    return Scores(
+        logprobs=(chosen - lse).reshape(batch, length) * keep,
+        values=values.astype(np.float32) * keep,
+        entropy=entropy.reshape(batch, length).astype(np.float32) * keep,
+        response_mask=response_mask,
+    )
+
+
+def kl(scores: Scores, ref_scores: Scores) -> np.ndarray:
+    """Per-token KL estimate ``logp - logp_ref`` (0 where masked).
+
+    Warns when the batch mean of the summed KL is negative: with responses
+    sampled from the policy that should not happen, and is how the seed's
+    generate() quirks showed up.
+    """
+    if np.shape(scores.logprobs) != np.shape(ref_scores.logprobs):
+        raise ValueError(
+            f"scores {np.shape(scores.logprobs)} and ref_scores {np.shape(ref_scores.logprobs)} differ in shape: "
+            "score the same responses with both models"
+        )
+    per_token = (np.asarray(scores.logprobs) - np.asarray(ref_scores.logprobs)) * np.asarray(scores.response_mask)
+    if per_token.sum(axis=-1).mean() < 0:
+        warnings.warn(
+            f"mean KL to the reference is negative ({per_token.sum(axis=-1).mean():.4g}): responses were not "
+            "sampled from the policy as scored (EOS masking, padding after EOS, filtering?)",
+            stacklevel=2,
+        )
+    return per_token.astype(np.float32)
+
+
+def reward(score, per_token_kl, *, beta: float = 0.1) -> np.ndarray:
+    """PPO reward ``score - beta * sum(kl)`` per row."""
+    return np.asarray(score, dtype=np.float64) - beta * np.asarray(per_token_kl, dtype=np.float64).sum(axis=-1)
