@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny demo models and their exports, built once per test session."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from t5vh_fast.demo import write_demo
+
+
+def tol(reference) -> float:
+    """DESIGN.md §5: 1e-4 x max(1, max |reference|)."""
+    return 1e-4 * max(1.0, float(np.abs(np.asarray(reference)).max()))
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    return write_demo(tmp_path_factory.mktemp("models") / "tiny", size="tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_dir, tmp_path_factory):
+    from t5vh_fast.export import export
+
+    return export(tiny_dir, tmp_path_factory.mktemp("exports") / "tiny-onnx")
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_dir):
+    from t5vh_fast.modeling import load_reference
+
+    return load_reference(tiny_dir)
+
+
+@pytest.fixture(scope="session", params=["split", "merged"])
+def policy(request, tiny_export):
+    import t5vh_fast
+
+    return t5vh_fast.load(tiny_export, providers="cpu", decoder=request.param)
+
+
+def mixed_queries(n_rows: int, vocab: int, *, seed: int = 0, min_len: int = 2, max_len: int = 12):
+    """Right-padded queries of random lengths ending in </s>, with their mask."""
+    from t5vh_fast import pad_batch
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n_rows):
+        n = int(rng.integers(min_len, max_len + 1))
+        rows.append(list(rng.integers(3, vocab, size=n - 1)) + [1])
+    return pad_batch(rows)

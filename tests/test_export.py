@@ -1,0 +1,170 @@
+"""t5vh-export (DESIGN.md §3): graphs with `value`, parity per graph, manifest, atomic output."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import t5vh_fast
+from t5vh_fast.cli import export_command
+from t5vh_fast.demo import build_model, write_demo
+from t5vh_fast.export import ExportParityError, check_export, export
+from t5vh_fast.export import convert as convert_module
+from t5vh_fast.manifest import MANIFEST_NAME, sha256_file
+from t5vh_fast.modeling import load_reference
+
+GRAPHS = ["encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx", "decoder_model_merged.onnx"]
+
+
+def _leftovers(parent, name):
+    """Anything the export left beside OUT (partial temp dirs, or OUT itself)."""
+    return sorted(p.name for p in parent.iterdir() if name in p.name)
+
+
+@pytest.mark.parametrize("family", ["t5", "t5-v1_1", "mt5"])
+@pytest.mark.parametrize("layout", ["seed", "trl"])
+def test_export_each_family_and_layout(tmp_path, family, layout):
+    model_dir = write_demo(tmp_path / "m", size="tiny", family=family, head_layout=layout)
+    out = export(model_dir)
+    assert out == tmp_path / "m-onnx"
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["format_version"] == 1
+    assert manifest["head_layout"] == layout
+    assert manifest["model_type"] == ("mt5" if family == "mt5" else "t5")
+    assert manifest["tie_word_embeddings"] is (family == "t5")
+    assert manifest["dtype"] == "fp32" and isinstance(manifest["opset"], int)
+    assert {"torch", "transformers", "optimum", "optimum-onnx"} <= set(manifest["versions"])
+    assert sorted(manifest["files"]) == sorted(GRAPHS)
+    for name, digest in manifest["files"].items():
+        assert sha256_file(out / name) == digest
+    graphs = manifest["parity"]["graphs"]
+    assert sorted(graphs) == sorted(GRAPHS)
+    for graph, entry in graphs.items():
+        assert entry["ok"], graph
+        for key in entry:
+            if key.endswith("max_abs_diff"):
+                assert entry[key] <= entry[key.replace("max_abs_diff", "tol")]
+    for side in ("config.json", "generation_config.json", "tokenizer.json"):
+        assert (out / side).is_file()
+    assert _leftovers(tmp_path, ".partial.") == []
+
+
+@pytest.mark.parametrize("family", ["t5", "t5-v1_1"])
+def test_check_catches_wrong_decoder_scaling(tmp_path, family):
+    """The d_model**-0.5 rescale applies only to tied models: flipping it must fail the check."""
+    model_dir = write_demo(tmp_path / "m", size="tiny", family=family)
+    out = export(model_dir, merged=False)
+    model = load_reference(model_dir)
+    assert all(entry["ok"] for entry in check_export(model, out, merged=False).values())
+    model.config.tie_word_embeddings = not model.config.tie_word_embeddings  # what a buggy exporter assumes
+    report = check_export(model, out, merged=False)
+    assert not report["decoder_model.onnx"]["ok"]
+    assert not report["decoder_with_past_model.onnx"]["ok"]
+
+
+def test_optimum_loads_the_export_and_greedy_tokens_match(tiny_export, reference):
+    from optimum.onnxruntime import ORTModelForSeq2SeqLM
+
+    ort_model = ORTModelForSeq2SeqLM.from_pretrained(tiny_export)
+    ids = torch.tensor([[5, 6, 7, 8, 1], [9, 10, 1, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    kwargs = dict(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=12, min_new_tokens=12, num_beams=1)
+    ours = ort_model.generate(**kwargs)
+    theirs = reference.generate(**kwargs)
+    assert torch.equal(ours, theirs)
+
+
+def test_existing_output_needs_force(tmp_path, tiny_dir):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="--force"):
+        export(tiny_dir, out)
+    assert (out / "keep.txt").read_text() == "mine"
+    export(tiny_dir, out, force=True)
+    assert not (out / "keep.txt").exists() and (out / MANIFEST_NAME).exists()
+    assert _leftovers(tmp_path, "out") == ["out"]
+
+
+def test_parity_failure_leaves_nothing(tmp_path, tiny_dir, monkeypatch):
+    def bad_check(model, root, *, merged):
+        return {"decoder_model.onnx": {"logits_max_abs_diff": 1.0, "logits_tol": 1e-4, "ok": False}}
+
+    monkeypatch.setattr(convert_module, "check_export", bad_check)
+    with pytest.raises(ExportParityError, match=r"decoder_model.onnx.*1\.00e\+00"):
+        export(tiny_dir, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupt_leaves_nothing(tmp_path, tiny_dir, monkeypatch):
+    real = convert_module._save_side_files
+
+    def interrupted(*args, **kwargs):
+        real(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert_module, "_save_side_files", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export(tiny_dir, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_inputs_give_one_line_errors_and_no_output(tmp_path, tiny_dir):
+    runner = CliRunner()
+    cases = []
+    cases.append((tmp_path / "missing", "model directory not found"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases.append((empty, "no config.json"))
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    cases.append((bert, "supports T5-family"))
+    no_weights = tmp_path / "noweights"
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text((tiny_dir / "config.json").read_text())
+    cases.append((no_weights, "no weights file"))
+    pickled = tmp_path / "pickled"
+    build_model("tiny").save_pretrained(pickled, safe_serialization=False)
+    cases.append((pickled, "--allow-pickle"))
+    for model_dir, message in cases:
+        result = runner.invoke(export_command, [str(model_dir)])
+        assert result.exit_code == 1, (model_dir, result.output)
+        assert message in result.output
+        assert "Traceback" not in result.output
+        assert len(result.output.strip().splitlines()) == 1, result.output
+        assert not (tmp_path / f"{model_dir.name}-onnx").exists()
+    # an OUT whose parent is a file
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = runner.invoke(export_command, [str(tiny_dir), "-o", str(blocker / "out")])
+    assert result.exit_code == 1 and "is a file" in result.output
+    # the pickle opt-in works
+    result = runner.invoke(export_command, [str(pickled), "--allow-pickle", "--no-merged"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "pickled-onnx" / MANIFEST_NAME).is_file()
+
+
+def test_cli_help_has_a_runnable_example_and_cli_exports(tmp_path, tiny_dir):
+    runner = CliRunner()
+    help_text = runner.invoke(export_command, ["--help"]).output
+    assert "Example:" in help_text and "t5vh-export demo-model" in help_text
+    result = runner.invoke(export_command, [str(tiny_dir), "-o", str(tmp_path / "x")])
+    assert result.exit_code == 0, result.output
+    assert "exporting decoder_model.onnx" in result.output and "logits" in result.output
+    assert t5vh_fast.load(tmp_path / "x", providers="cpu").manifest["head_layout"] == "seed"
+
+
+@pytest.mark.slow
+def test_t5_small_shaped_export_parity(tmp_path):
+    """The benchmark-sized demo model: every graph within the DESIGN.md tolerance (numbers in the manifest)."""
+    model_dir = write_demo(tmp_path / "small", size="small")
+    out = export(model_dir, log=print)
+    graphs = json.loads((out / MANIFEST_NAME).read_text())["parity"]["graphs"]
+    print(json.dumps(graphs, indent=1))
+    assert all(entry["ok"] for entry in graphs.values())
+    assert np.isfinite([v for e in graphs.values() for k, v in e.items() if k.endswith("diff")]).all()
