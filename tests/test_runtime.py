@@ -1,0 +1,298 @@
+"""The ONNX Runtime sampler (DESIGN.md §4, §5): parity with PyTorch, distribution, contract, errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+import t5vh_fast
+from t5vh_fast import rollout as rollout_module
+from t5vh_fast import session as session_module
+from t5vh_fast.manifest import MANIFEST_NAME, ExportError
+from t5vh_fast.modeling import filter_logits as torch_filter
+
+from .conftest import mixed_queries, tol
+
+EOS = 1
+FILTERS = [(0, 1.0), (20, 1.0), (0, 0.85), (30, 0.9)]
+
+
+# ---------------------------------------------------------------------- token-level parity
+
+
+@pytest.mark.parametrize("top_k,top_p", FILTERS)
+def test_token_parity_with_pytorch_on_shared_uniforms(policy, reference, top_k, top_p):
+    ids, mask = mixed_queries(256, 256, seed=10, max_len=20)
+    u = np.random.default_rng(11).random((256, 16))
+    ours = policy.respond_to_batch(ids, mask, txt_len=16, top_k=top_k, top_p=top_p, uniforms=u)
+    ref = reference.respond_to_batch(ids, mask, txt_len=16, top_k=top_k, top_p=top_p, uniforms=u)
+    ref_tokens = ref.tokens.numpy()
+    assert (ours.tokens == ref_tokens).mean() >= 0.999
+    # compare log-probs and values on each row's common prefix
+    same = np.cumprod(ours.tokens == ref_tokens, axis=1).astype(bool)
+    with torch.no_grad():
+        logits = reference(
+            input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+            decoder_input_ids=reference._shift_right(ref.tokens),
+        ).logits.numpy()
+    assert np.abs(ours.logprobs - ref.logprobs.numpy())[same].max() <= tol(logits)
+    assert np.abs(ours.values - ref.values.numpy())[same].max() <= tol(ref.values)
+    if top_k or top_p < 1.0:
+        assert np.abs(ours.sampling_logprobs - ref.sampling_logprobs.numpy())[same].max() <= tol(logits)
+    else:
+        assert ours.sampling_logprobs is None
+
+
+# ---------------------------------------------------------------------- distribution parity
+
+
+def _chi_square_p(samples: np.ndarray, probs: np.ndarray) -> float:
+    """Goodness of fit of integer samples to ``probs``, pooling cells expected below 5."""
+    n = len(samples)
+    observed = np.bincount(samples, minlength=len(probs)).astype(float)
+    expected = probs * n
+    assert observed[expected == 0].sum() == 0, "sampled a token the distribution gives zero mass"
+    order = np.argsort(expected)
+    keep = expected[order] >= 5
+    pooled_obs = np.append(observed[order][keep], observed[order][~keep].sum())
+    pooled_exp = np.append(expected[order][keep], expected[order][~keep].sum())
+    if pooled_exp[-1] == 0:
+        pooled_obs, pooled_exp = pooled_obs[:-1], pooled_exp[:-1]
+    return float(stats.chisquare(pooled_obs, pooled_exp * pooled_obs.sum() / pooled_exp.sum()).pvalue)
+
+
+def _reference_probs(reference, query, prefix, top_k, top_p) -> np.ndarray:
+    with torch.no_grad():
+        out = reference(
+            input_ids=torch.tensor([query]),
+            decoder_input_ids=torch.tensor([[reference.config.decoder_start_token_id] + list(prefix)]),
+        )
+    filtered = torch_filter(out.logits[:, -1].float(), top_k=top_k, top_p=top_p)
+    return torch.softmax(filtered.double(), -1)[0].numpy()
+
+
+@pytest.mark.parametrize("top_k,top_p", FILTERS)
+def test_sampled_tokens_follow_the_reference_distribution(tiny_export, reference, top_k, top_p):
+    policy = t5vh_fast.load(tiny_export, providers="cpu")
+    query = [17, 42, 99, 5, 1]
+    n = 40_000
+    rollout = policy.respond_to_batch(np.tile(query, (n, 1)), txt_len=2, top_k=top_k, top_p=top_p, seed=123)
+    # first step
+    probs0 = _reference_probs(reference, query, [], top_k, top_p)
+    assert _chi_square_p(rollout.tokens[:, 0], probs0) > 1e-3
+    # the test has power: the same samples against a slightly different distribution are rejected
+    assert _chi_square_p(rollout.tokens[:, 0], 0.9 * probs0 + 0.1 * np.roll(probs0, 1)) < 1e-6
+    # a later step, conditioned on the most frequent first token
+    first = np.bincount(rollout.tokens[:, 0]).argmax()
+    later = rollout.tokens[rollout.tokens[:, 0] == first, 1]
+    assert len(later) >= 300
+    assert _chi_square_p(later, _reference_probs(reference, query, [first], top_k, top_p)) > 1e-3
+
+
+# ---------------------------------------------------------------------- the sampling contract
+
+
+def test_exact_length_and_sampling_after_eos(policy, reference):
+    ids, mask = mixed_queries(16, 256, seed=12)
+    with torch.no_grad():
+        logits = reference(
+            input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+            decoder_input_ids=torch.zeros(16, 1, dtype=torch.long),
+        ).logits[:, 0].double()
+    probs = torch.softmax(logits, -1)
+    u = np.random.default_rng(12).random((16, 12))
+    u[:, 0] = (probs.cumsum(-1)[:, EOS] - probs[:, EOS] / 2).numpy()  # pick EOS at step 0, as the model allows
+    rollout = policy.respond_to_batch(ids, mask, txt_len=12, uniforms=u)
+    assert rollout.tokens.shape == (16, 12)
+    assert (rollout.tokens[:, 0] == EOS).all()
+    after = rollout.tokens[:, 1:]
+    assert (after != EOS).mean() > 0.9 and len(np.unique(after)) > 20  # real samples, no padding after EOS
+    np.testing.assert_allclose(rollout.logprobs[:, 0], torch.log(probs[:, EOS]).numpy(), atol=tol(logits))
+
+
+def test_pad_invariance(policy):
+    ids, mask = mixed_queries(8, 256, seed=13, min_len=3, max_len=16)
+    u = np.random.default_rng(13).random((8, 10))
+    batch = policy.respond_to_batch(ids, mask, txt_len=10, uniforms=u)
+    for row in range(8):
+        n = int(mask[row].sum())
+        alone = policy.respond_to_batch(ids[row : row + 1, :n], txt_len=10, uniforms=u[row : row + 1])
+        np.testing.assert_array_equal(alone.tokens[0], batch.tokens[row])
+        np.testing.assert_allclose(alone.logprobs[0], batch.logprobs[row], atol=1e-4)
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (25, 0.9)])
+def test_rollout_equals_score_on_the_same_tokens(policy, top_k, top_p):
+    ids, mask = mixed_queries(32, 256, seed=14)
+    rollout = policy.respond_to_batch(ids, mask, txt_len=12, top_k=top_k, top_p=top_p, seed=14)
+    scores = policy.score(ids, rollout.tokens, mask)
+    np.testing.assert_allclose(scores.logprobs, rollout.logprobs, atol=tol(rollout.logprobs) * 10)
+    np.testing.assert_allclose(scores.values, rollout.values, atol=tol(rollout.values))
+
+
+def test_seed_reproducible_and_seeds_differ(policy):
+    ids, mask = mixed_queries(4, 256, seed=15)
+    a = policy.respond_to_batch(ids, mask, txt_len=8, seed=7)
+    b = policy.respond_to_batch(ids, mask, txt_len=8, seed=7)
+    c = policy.respond_to_batch(ids, mask, txt_len=8, seed=8)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_array_equal(a.logprobs, b.logprobs)
+    assert not np.array_equal(a.tokens, c.tokens)
+
+
+def test_seed_follows_the_rng_contract(policy):
+    """``seed`` = PCG64(seed), one float64 per row per step, rows in order: same as passing those uniforms."""
+    ids, mask = mixed_queries(3, 256, seed=16)
+    rng = np.random.Generator(np.random.PCG64(5))
+    u = np.stack([rng.random(3) for _ in range(6)], axis=1)
+    np.testing.assert_array_equal(
+        policy.respond_to_batch(ids, mask, txt_len=6, seed=5).tokens,
+        policy.respond_to_batch(ids, mask, txt_len=6, uniforms=u).tokens,
+    )
+
+
+def test_text_helpers(policy):
+    texts = ["paraphrase: Which course should I take?", "How do I cook rice?"]
+    responses = policy.respond_to_text(texts, txt_len=6, seed=0)
+    assert len(responses) == 2 and all(isinstance(r, str) for r in responses)
+    ids, mask = policy.encode_text(texts)
+    assert ids[0, int(mask[0].sum()) - 1] == EOS and mask[1].sum() < mask[0].sum()
+
+
+# ---------------------------------------------------------------------- bad input
+
+
+def test_bad_input(policy):
+    ids, mask = mixed_queries(2, 256, seed=17)
+    cases = [
+        (dict(query_ids=[[5, 300, 1]]), r"query_ids\[0, 1\] = 300 is outside the vocabulary"),
+        (dict(query_ids=[]), "empty batch"),
+        (dict(query_ids=np.zeros((0, 3), dtype=np.int64)), "empty batch"),
+        (dict(query_ids=[[5, 6, 1], [7, 1]]), "pad_batch"),
+        (dict(query_ids=ids, attention_mask=mask[:, :-1]), "attention_mask has shape"),
+        (dict(query_ids=ids, attention_mask=mask, txt_len=0), "txt_len"),
+        (dict(query_ids=ids, attention_mask=mask, top_p=0), "top_p"),
+        (dict(query_ids=ids, attention_mask=mask, top_k=-2), "top_k"),
+        (dict(query_ids=[[1.5, 2.0]]), "integer token ids"),
+    ]
+    for kwargs, match in cases:
+        with pytest.raises(ValueError, match=match):
+            policy.respond_to_batch(**kwargs)
+    with pytest.raises(ValueError, match="response_ids"):
+        policy.score(ids, [[5, 999]] * 2, mask)
+
+
+def test_nan_logits_are_an_error_naming_step_and_row(monkeypatch):
+    class NaNGraphs:
+        def encode(self, ids, mask):
+            return None
+
+        def decode(self, state, tokens):
+            step = getattr(self, "step", 0)
+            self.step = step + 1
+            logits = np.zeros((3, 1, 8), dtype=np.float32)
+            if step == 2:
+                logits[1, 0, 4] = np.nan
+            return logits, np.zeros((3, 1), dtype=np.float32), state
+
+    ids = np.ones((3, 2), dtype=np.int64)
+    with pytest.raises(FloatingPointError, match="step 2, row 1"):
+        rollout_module.respond(NaNGraphs(), ids, np.ones_like(ids), decoder_start_token_id=0, txt_len=5, seed=0)
+
+
+def test_not_an_export_and_tampered_exports(tmp_path, tiny_export, tiny_dir):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        t5vh_fast.load(tmp_path / "nope")
+    with pytest.raises(ExportError, match="not a t5vh export.*t5vh-export"):
+        t5vh_fast.load(tiny_dir)
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_export, copy)
+    t5vh_fast.load(copy, providers="cpu")
+    manifest = json.loads((copy / MANIFEST_NAME).read_text())
+    manifest["format_version"] = 99
+    (copy / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(ExportError, match="version 99.*Re-export"):
+        t5vh_fast.load(copy)
+    manifest["format_version"] = 1
+    (copy / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with open(copy / "decoder_with_past_model.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ExportError, match="decoder_with_past_model.onnx does not match the sha256"):
+        t5vh_fast.load(copy)
+    shutil.copy(tiny_export / "decoder_with_past_model.onnx", copy / "decoder_with_past_model.onnx")
+    (copy / "encoder_model.onnx").unlink()
+    with pytest.raises(ExportError, match="lacks encoder_model.onnx"):
+        t5vh_fast.load(copy)
+
+
+# ---------------------------------------------------------------------- providers
+
+
+def test_provider_choice(monkeypatch):
+    cpu, cuda, trt = session_module.CPU, session_module.CUDA, session_module.TENSORRT
+    monkeypatch.setattr(session_module.ort, "get_available_providers", lambda: [trt, cuda, cpu])
+    monkeypatch.setattr(session_module, "cuda_device_present", lambda: False)
+    assert session_module.resolve_providers("auto") == [cpu]
+    assert session_module.resolve_providers("cpu") == [cpu]
+    assert session_module.resolve_providers("cuda") == [cuda, cpu]
+    assert session_module.resolve_providers("tensorrt") == [trt, cuda, cpu]
+    assert session_module.resolve_providers([cpu]) == [cpu]
+    monkeypatch.setattr(session_module, "cuda_device_present", lambda: True)
+    assert session_module.resolve_providers("auto") == [cuda, cpu]
+    monkeypatch.setattr(session_module.ort, "get_available_providers", lambda: [cpu])
+    assert session_module.resolve_providers("auto") == [cpu]
+    with pytest.raises(ValueError, match="needs CUDAExecutionProvider.*providers='cpu'"):
+        session_module.resolve_providers("cuda")
+    with pytest.raises(ValueError, match="not available"):
+        session_module.resolve_providers(["MadeUpExecutionProvider"])
+    with pytest.raises(ValueError, match="not one of"):
+        session_module.resolve_providers("gpu-please")
+
+
+@pytest.mark.skipif(session_module.cuda_device_present(), reason="needs a machine without a GPU")
+def test_cuda_fallback_is_detected(tiny_export, monkeypatch):
+    """onnxruntime-gpu lists CUDA here but silently falls back to CPU: 'cuda' fails loudly, 'auto' uses CPU."""
+    if session_module.CUDA not in session_module.ort.get_available_providers():
+        pytest.skip("this onnxruntime has no CUDA provider")
+    with pytest.raises(RuntimeError, match="did not start"):
+        t5vh_fast.load(tiny_export, providers="cuda")
+    monkeypatch.setattr(session_module, "cuda_device_present", lambda: True)  # the driver probe lies
+    policy = t5vh_fast.load(tiny_export, providers="auto")
+    assert policy.providers == [session_module.CPU]
+    assert policy.respond_to_batch([[5, 6, 1]], txt_len=3, seed=0).tokens.shape == (1, 3)
+
+
+@pytest.mark.skipif(not session_module.cuda_device_present(), reason="needs a GPU")
+def test_cuda_parity(tiny_export, reference):
+    policy = t5vh_fast.load(tiny_export, providers="cuda")
+    assert policy.providers[0] == session_module.CUDA
+    ids, mask = mixed_queries(256, 256, seed=20, max_len=20)
+    u = np.random.default_rng(21).random((256, 16))
+    ours = policy.respond_to_batch(ids, mask, txt_len=16, uniforms=u)
+    ref = reference.respond_to_batch(ids, mask, txt_len=16, uniforms=u)
+    assert (ours.tokens == ref.tokens.numpy()).mean() >= 0.999
+    same = np.cumprod(ours.tokens == ref.tokens.numpy(), axis=1).astype(bool)
+    assert np.abs(ours.values - ref.values.numpy())[same].max() <= tol(ref.values)
+
+
+# ---------------------------------------------------------------------- no torch
+
+
+def test_runtime_path_imports_no_torch(tiny_export):
+    code = f"""
+import sys, numpy as np, t5vh_fast
+p = t5vh_fast.load({str(tiny_export)!r}, providers="cpu")
+r = p.respond_to_batch([[5, 6, 1]], txt_len=4, seed=0, top_k=5)
+s = p.score([[5, 6, 1]], r.tokens)
+p.respond_to_text(["hello there"], txt_len=3, seed=1)
+print("torch" in sys.modules, "transformers" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"], out.stderr
