@@ -223,3 +223,63 @@ def sample_command(export_dir, texts, txt_len, top_k, top_p, seed, num_return_se
             if row % num_return_sequences == 0:
                 click.echo(f"{text}")
             click.echo(f"  {row % num_return_sequences}: {response}")
+
+
+# ---------------------------------------------------------------------- t5vh-score
+
+
+@click.command(name="t5vh-score")
+@click.argument("export_dir", type=click.Path(path_type=Path))
+@click.argument("input_file", type=click.File("r", encoding="utf-8"))
+@click.option("-o", "--output", required=True, help="Output JSONL path, or - for stdout. An existing file is resumed.")
+@click.option("--ref", "ref_dir", type=click.Path(path_type=Path), default=None, help="Reference export for KL and reward.")
+@click.option("--beta", type=float, default=0.1, show_default=True, help="KL coefficient: reward = score - beta * sum(kl).")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--max-tokens", type=int, default=512, show_default=True, help="Longest query + response, in tokens.")
+@click.option("--sort-window", type=int, default=16, show_default=True, help="Batches read ahead and sorted by length (1 = off).")
+@click.option("--errors", "errors_path", default=None, help="Bad rows go here [default: OUTPUT.errors.jsonl, or stderr].")
+@click.option("--fail-fast", is_flag=True, help="Stop with an error at the first bad row.")
+@click.option("--providers", default="auto", show_default=True, help="auto, cpu, cuda or tensorrt.")
+@click.option("--threads", type=int, default=None)
+@user_errors
+def score_command(export_dir, input_file, output, ref_dir, beta, batch_size, max_tokens, sort_window, errors_path, fail_fast, providers, threads):
+    """Score query/response pairs from a JSONL file: log-probs, values, KL, reward.
+
+    Rows: {"id": ..., "query": "..." or "query_ids": [...], "response": "..."
+    or "response_ids": [...], "score": 1.0 (optional)}. Run it again with the
+    same OUTPUT after an interruption: scored ids are skipped.
+
+    \b
+    Example:
+        t5vh-score demo-model-onnx rows.jsonl -o scored.jsonl --ref demo-model-onnx --beta 0.1
+    """
+    from . import load
+    from .job import run_job
+
+    policy = load(export_dir, providers=providers, threads=threads)
+    ref_policy = load(ref_dir, providers=providers, threads=threads) if ref_dir is not None else None
+    output_path = None if output == "-" else Path(output)
+    if errors_path is None and output_path is not None:
+        errors_path = str(output_path) + ".errors.jsonl"
+    summary = run_job(
+        policy,
+        input_file,
+        output_path,
+        errors_path=None if errors_path in (None, "-") else Path(errors_path),
+        ref_policy=ref_policy,
+        beta=beta,
+        batch_size=batch_size,
+        max_tokens=max_tokens,
+        sort_window=sort_window,
+        fail_fast=fail_fast,
+        progress=_stderr_is_terminal(),
+    )
+    click.echo(summary.line(), err=True)
+    if summary.rows_failed and not summary.rows_ok and not summary.rows_skipped:
+        raise click.ClickException(f"every row failed: see {errors_path or 'stderr'}")
+
+
+def _stderr_is_terminal() -> bool:
+    import sys
+
+    return sys.stderr.isatty()
