@@ -153,6 +153,9 @@ def write_demo(
 
 def replace_dir(tmp: Path, out: Path) -> None:
     """Move a finished directory into place; an existing ``out`` is swapped out, then removed."""
+    from .manifest import umask_mode
+
+    os.chmod(tmp, umask_mode(0o777))
     if out.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
         os.replace(out, old / out.name)

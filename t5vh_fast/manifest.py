@@ -31,10 +31,18 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def umask_mode(mode: int) -> int:
+    """``mode`` less the process umask (mkstemp/mkdtemp create 0600/0700; finished files shouldn't be)."""
+    current = os.umask(0)
+    os.umask(current)
+    return mode & ~current
+
+
 def write_json_atomic(path: Path, data) -> None:
     """Write JSON to a temporary file beside ``path``, then rename it into place."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, umask_mode(0o666))
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2, sort_keys=True)
             f.write("\n")

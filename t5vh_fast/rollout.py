@@ -8,7 +8,7 @@ import numpy as np
 
 from .inputs import check_sampling_options, check_uniforms
 from .results import Rollout
-from .sampling import check_finite, draw, filter_logits, logsumexp, token_logprobs
+from .sampling import check_finite, draw, exp_weights, filter_logits, token_logprobs
 from .session import Graphs
 
 
@@ -45,15 +45,16 @@ def respond(
     for t in range(txt_len):
         logits, value, state = graphs.decode(state, step_input)
         logits = logits[:, -1]
-        lse = logsumexp(logits)
+        weights, block_sums, lse = exp_weights(logits)
         check_finite(lse, t)
         step_u = u[:, t] if u is not None else rng.random(batch)
         if filtering:
             filtered = filter_logits(logits, top_k=top_k, top_p=top_p)
-            token = draw(filtered, step_u)
-            sampling_logprobs[:, t] = token_logprobs(filtered, token)
+            f_weights, f_block_sums, f_lse = exp_weights(filtered)
+            token = draw(filtered, step_u, f_weights, f_block_sums)
+            sampling_logprobs[:, t] = token_logprobs(filtered, token, f_lse)
         else:
-            token = draw(logits, step_u)
+            token = draw(logits, step_u, weights, block_sums)
         tokens[:, t] = token
         logprobs[:, t] = token_logprobs(logits, token, lse)
         values[:, t] = value[:, -1]

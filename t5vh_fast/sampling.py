@@ -38,20 +38,49 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 def logsumexp(logits: np.ndarray) -> np.ndarray:
     """Row-wise log-sum-exp (float32 in, float32 out; the sum itself in float64)."""
-    top = logits.max(axis=-1)
-    total = np.exp(logits - top[:, None]).sum(axis=-1, dtype=np.float64)
-    return (top + np.log(total)).astype(np.float32)
+    return exp_weights(logits)[2]
 
 
-def draw(logits: np.ndarray, u: np.ndarray) -> np.ndarray:
+BLOCK = 256  # the CDF is built per block of this many tokens; only the block holding u is summed in full
+
+
+def exp_weights(logits: np.ndarray):
+    """``(weights, block_sums, lse)``: ``exp(logits - max)`` in float32, its float64 sums per
+    block of ``BLOCK`` tokens, and the row-wise log-sum-exp. One exp pass serves both the
+    log-probs and the draw."""
+    top = logits.max(axis=-1, keepdims=True)
+    with np.errstate(invalid="ignore"):  # NaN/inf rows give a non-finite lse: check_finite names them
+        weights = np.exp(logits - top)
+    block_sums = np.add.reduceat(weights, np.arange(0, logits.shape[-1], BLOCK), axis=-1, dtype=np.float64)
+    lse = (top[:, 0] + np.log(block_sums.sum(axis=-1))).astype(np.float32)
+    return weights, block_sums, lse
+
+
+def draw(logits: np.ndarray, u: np.ndarray, weights=None, block_sums=None) -> np.ndarray:
     """The RNG contract: the first index whose float64 cumulative probability of the
-    renormalised distribution exceeds ``u`` (one uniform per row)."""
-    weights = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    cdf = np.cumsum(weights, axis=-1, dtype=np.float64)
-    token = (cdf <= u[:, None] * cdf[:, -1:]).sum(axis=-1)
-    overflow = token >= logits.shape[-1]
-    if overflow.any():  # u * total rounded up to total: take the last token with mass
-        token[overflow] = cdf[overflow].argmax(axis=-1)
+    renormalised distribution exceeds ``u`` (one uniform per row).
+
+    The float64 CDF is built in two levels (block totals, then the one block that
+    holds ``u``), so a step costs one pass over B x V instead of a full float64
+    cumulative sum. Pass ``weights``/``block_sums`` from ``exp_weights`` to reuse them.
+    """
+    if weights is None:
+        weights, block_sums, _ = exp_weights(logits)
+    rows, vocab = weights.shape
+    block_cdf = np.cumsum(block_sums, axis=-1)
+    threshold = u * block_cdf[:, -1]
+    block = np.minimum((block_cdf <= threshold[:, None]).sum(axis=-1), block_sums.shape[-1] - 1)
+    before = np.where(block > 0, block_cdf[np.arange(rows), block - 1], 0.0)
+    index = block[:, None] * BLOCK + np.arange(BLOCK)
+    inside = index < vocab
+    local = np.where(inside, np.take_along_axis(weights, np.minimum(index, vocab - 1), axis=-1), 0.0)
+    cdf = before[:, None] + np.cumsum(local, axis=-1, dtype=np.float64)
+    token = block * BLOCK + (cdf <= threshold[:, None]).sum(axis=-1)
+    lost = (token >= vocab) | (weights[np.arange(rows), np.minimum(token, vocab - 1)] == 0)
+    if lost.any():  # u * total rounded onto a block edge or past the end: the exact full CDF decides
+        full = np.cumsum(weights[lost], axis=-1, dtype=np.float64)
+        exact = (full <= threshold[lost, None]).sum(axis=-1)
+        token[lost] = np.where(exact >= vocab, full.argmax(axis=-1), exact)
     return token.astype(np.int64)
 
 

@@ -30,6 +30,7 @@ from ..manifest import (
 )
 from ..modeling import load_reference
 from .check import TOLERANCE, check_export, format_report
+from .optimize import fold_lm_head_scale
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model", "added_tokens.json")
 
@@ -131,6 +132,9 @@ def _export_graphs(model, tmp: Path, *, merged: bool, opset: Optional[int], log)
             config.use_cache = use_cache
     if set(files) != {ENCODER, DECODER, DECODER_WITH_PAST}:
         raise RuntimeError(f"Optimum exported {sorted(files)}, expected {ENCODER}, {DECODER}, {DECODER_WITH_PAST}")
+    for name in (DECODER, DECODER_WITH_PAST):
+        if fold_lm_head_scale(tmp / name):
+            log(f"  folded the d_model**-0.5 rescale into the LM head of {name}")
     if merged:
         from optimum.onnx import merge_decoders
 
