@@ -47,6 +47,7 @@ setup(
             "t5vh-demo=t5vh_fast.cli:demo_command",
             "t5vh-sample=t5vh_fast.cli:sample_command",
             "t5vh-score=t5vh_fast.cli:score_command",
+            "t5vh-bench=t5vh_fast.cli:bench_command",
         ]
     },
 )

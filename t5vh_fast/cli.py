@@ -106,28 +106,6 @@ def demo_write(out_dir, size, seed, family, head_layout, force):
     click.echo(f"wrote the {size} demo model to {out_dir}")
 
 
-def demo_export(size: str, cache_dir: Path, log=_echo_err) -> Path:
-    """The demo model's export in ``cache_dir``, built (deterministically) on first use."""
-    from .demo import write_demo
-    from .export import export
-    from .manifest import ExportError, read_manifest
-
-    model_dir = cache_dir / f"demo-{size}"
-    export_dir = cache_dir / f"demo-{size}-onnx"
-    try:
-        read_manifest(export_dir)
-        return export_dir
-    except (FileNotFoundError, ExportError):
-        pass
-    log(f"building the {size} demo model in {model_dir} ...")
-    write_demo(model_dir, size=size, force=True)
-    return export(model_dir, export_dir, force=True, log=log)
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("T5VH_CACHE", Path.home() / ".cache" / "t5vh_fast"))
-
-
 @demo_command.command(name="run")
 @click.option("--size", type=click.Choice(["tiny", "small"]), default="small", show_default=True)
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help="[default: $T5VH_CACHE or ~/.cache/t5vh_fast]")
@@ -147,8 +125,10 @@ def demo_run(size, cache_dir, txt_len, threads):
     from . import load
     from .modeling import load_reference
 
+    from .demo import default_cache_dir, demo_export
+
     cache_dir = cache_dir or default_cache_dir()
-    export_dir = demo_export(size, cache_dir)
+    export_dir = demo_export(size, cache_dir, log=_echo_err)
     policy = load(export_dir, threads=threads)
     click.echo(f"providers: {policy.providers}")
     queries = ["paraphrase: Which course should I take to get started in data science?", "How do I cook rice?"]
@@ -283,3 +263,74 @@ def _stderr_is_terminal() -> bool:
     import sys
 
     return sys.stderr.isatty()
+
+
+# ---------------------------------------------------------------------- t5vh-bench
+
+
+def _int_list(ctx, param, value):
+    try:
+        numbers = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+    if not numbers or min(numbers) < 1:
+        raise click.BadParameter(f"expected positive integers, got {value!r}")
+    return numbers
+
+
+@click.command(name="t5vh-bench")
+@click.option("--size", type=click.Choice(["tiny", "small"]), default="small", show_default=True, help="Demo model size (small = t5-small shape).")
+@click.option("--systems", default=None, help="Comma-separated subset [default: every system installed here].")
+@click.option("--batch-sizes", default="1,16,64", show_default=True, callback=_int_list)
+@click.option("--new-tokens", type=int, default=128, show_default=True)
+@click.option("--threads", type=int, default=None, help="Threads for every system [default: all cores].")
+@click.option("--cap", type=float, default=180.0, show_default=True, help="Seconds one run may take before it is reported as too slow.")
+@click.option("--quick", is_flag=True, help="Batch sizes 1,4 and 16 new tokens: a run of a minute or two.")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help="[default: $T5VH_CACHE or ~/.cache/t5vh_fast]")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write every number here.")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None, help="Write a PNG: tokens/s vs batch size.")
+@user_errors
+def bench_command(size, systems, batch_sizes, new_tokens, threads, cap, quick, cache_dir, json_path, plot_path):
+    """Compare the t5vh sampler with PyTorch, transformers generate, Optimum and CTranslate2.
+
+    Runs on the built-in demo model (exported into the cache on first use),
+    each system and batch size in its own process, and prints a Markdown table.
+
+    \b
+    Example:
+        t5vh-bench --quick --size tiny --json bench.json --plot bench.png
+        t5vh-bench --systems t5vh,optimum,ct2 --batch-sizes 1,16 --new-tokens 64
+    """
+    from .bench import SYSTEMS, available_systems, markdown, plot, run_benchmark
+    from .demo import default_cache_dir, demo_export
+
+    if quick:
+        batch_sizes, new_tokens = [1, 4], 16
+    if new_tokens < 2:
+        raise click.BadParameter("must be at least 2", param_hint="--new-tokens")
+    installed = available_systems()
+    chosen = installed if systems is None else [s.strip() for s in systems.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in SYSTEMS]
+    if unknown:
+        raise click.BadParameter(f"unknown {unknown}; choose from {', '.join(SYSTEMS)}", param_hint="--systems")
+    missing = [s for s in chosen if s not in installed]
+    if missing:
+        raise click.BadParameter(f"{missing} cannot run here (no GPU, or `pip install t5vh_fast[bench]` for CTranslate2)", param_hint="--systems")
+    threads = threads or os.cpu_count() or 1
+    cache_dir = cache_dir or default_cache_dir()
+    export_dir = demo_export(size, cache_dir, log=_echo_err)
+    report = run_benchmark(
+        model_dir=cache_dir / f"demo-{size}", export_dir=export_dir, cache_dir=cache_dir, systems=chosen,
+        batch_sizes=batch_sizes, new_tokens=new_tokens, threads=threads, cap=cap, progress=_stderr_is_terminal(),
+    )
+    report["command"] = "t5vh-bench " + " ".join(click.get_os_args()) if hasattr(click, "get_os_args") else None
+    report["model"] = size
+    click.echo(markdown(report))
+    if json_path is not None:
+        from .manifest import write_json_atomic
+
+        write_json_atomic(json_path, report)
+    if plot_path is not None:
+        plot(report, plot_path)
+    if not any("error" not in r for r in report["results"]):
+        raise click.ClickException("every run failed: " + "; ".join(r["error"] for r in report["results"][:3]))

@@ -9,6 +9,7 @@ COMMANDS = {
     "t5vh-demo": cli.demo_command,
     "t5vh-sample": cli.sample_command,
     "t5vh-score": cli.score_command,
+    "t5vh-bench": cli.bench_command,
 }
 
 if __name__ == "__main__":

@@ -163,3 +163,26 @@ def replace_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
+
+
+def default_cache_dir() -> Path:
+    """Where demo models and their exports are cached: ``$T5VH_CACHE`` or ``~/.cache/t5vh_fast``."""
+    return Path(os.environ.get("T5VH_CACHE", Path.home() / ".cache" / "t5vh_fast"))
+
+
+def demo_export(size: str, cache_dir: Path, *, log=lambda message: None) -> Path:
+    """The demo model's export in ``cache_dir``, built (deterministically) on first use."""
+    from .export import export
+    from .manifest import ExportError, read_manifest
+
+    model_dir = cache_dir / f"demo-{size}"
+    export_dir = cache_dir / f"demo-{size}-onnx"
+    try:
+        read_manifest(export_dir)
+        if (model_dir / "config.json").is_file():
+            return export_dir
+    except (FileNotFoundError, ExportError):
+        pass
+    log(f"building the {size} demo model in {model_dir} ...")
+    write_demo(model_dir, size=size, force=True)
+    return export(model_dir, export_dir, force=True, log=log)
