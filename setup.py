@@ -38,8 +38,10 @@ setup(
             "safetensors>=0.4",
             "sentencepiece>=0.1.99",
         ],
-        "test": ["pytest>=7", "scipy>=1.10", "psutil>=5.9", "matplotlib>=3.6"],
-        "bench": ["psutil>=5.9", "matplotlib>=3.6", "ctranslate2>=4.0"],
+        "test": ["pytest>=7", "scipy>=1.10", "matplotlib>=3.6"],
+        "bench": ["matplotlib>=3.6", "ctranslate2>=4.0"],
+        # CUDA 13 + cuDNN 9 as pip packages, for onnxruntime-gpu's CUDA provider
+        "gpu": [f"onnxruntime-gpu[cuda,cudnn]>=1.20; {_GPU_WHEELS}"],
     },
     entry_points={
         "console_scripts": [

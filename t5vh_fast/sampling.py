@@ -14,20 +14,28 @@ import numpy as np
 def filter_logits(logits: np.ndarray, *, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
     """Top-k then top-p with transformers' TopK/TopPLogitsWarper semantics (min one token kept).
 
-    Returns a new float32 array with removed tokens at -inf.
+    Returns a new float32 array with removed tokens at -inf. Top-p needs the
+    ascending cumulative probabilities; they are computed on sorted *values*
+    (no argsort), and after top-k on the k survivors only. Exact ties at the
+    top-p boundary are all kept (torch.sort breaks them arbitrarily).
     """
     logits = np.array(logits, dtype=np.float32)
-    vocab = logits.shape[-1]
+    rows, vocab = logits.shape
+    candidates = logits
     if 0 < top_k < vocab:
-        kth = -np.partition(-logits, top_k - 1, axis=-1)[:, top_k - 1 : top_k]
+        part = np.partition(logits, vocab - top_k, axis=-1)
+        kth = part[:, vocab - top_k : vocab - top_k + 1]
         logits[logits < kth] = -np.inf
+        if (np.isfinite(logits).sum(axis=-1) == top_k).all():  # no ties at the k-th value
+            candidates = part[:, vocab - top_k :]
+        else:
+            candidates = logits
     if top_p < 1.0:
-        order = np.argsort(logits, axis=-1, kind="stable")
-        sorted_logits = np.take_along_axis(logits, order, axis=-1)
-        cumulative = np.cumsum(softmax(sorted_logits), axis=-1)
-        remove = cumulative <= (1.0 - top_p)
+        values = np.sort(candidates, axis=-1)
+        remove = np.cumsum(softmax(values), axis=-1) <= (1.0 - top_p)
         remove[:, -1] = False
-        np.put_along_axis(logits, order, np.where(remove, -np.inf, sorted_logits), axis=-1)
+        smallest_kept = values[np.arange(rows), remove.sum(axis=-1)]  # `remove` is a prefix of the sorted row
+        logits[logits < smallest_kept[:, None]] = -np.inf
     return logits
 
 

@@ -113,6 +113,8 @@ class Graphs:
             raise ValueError(f"decoder must be one of {DECODER_LAYOUTS}, got {decoder!r}")
         requested = providers
         provider_list = resolve_providers(providers)
+        if provider_list[0] != CPU and hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()  # CUDA/cuDNN from pip's nvidia-* packages, when installed that way
         names = [ENCODER] + ([DECODER_MERGED] if decoder == "merged" else [DECODER, DECODER_WITH_PAST])
         for name in names:
             if not (root / name).is_file():
