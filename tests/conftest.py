@@ -49,3 +49,18 @@ def mixed_queries(n_rows: int, vocab: int, *, seed: int = 0, min_len: int = 2, m
         n = int(rng.integers(min_len, max_len + 1))
         rows.append(list(rng.integers(3, vocab, size=n - 1)) + [1])
     return pad_batch(rows)
+
+
+def assert_pad_invariant(model, *, seed: int) -> None:
+    """A row's tokens (shared uniforms) are the same alone as in a right-padded batch.
+
+    ``model`` is the PyTorch reference or an ONNX policy: both take NumPy input.
+    """
+    ids, mask = mixed_queries(8, 256, seed=seed, min_len=3, max_len=16)
+    u = np.random.default_rng(seed).random((8, 10))
+    batch = model.respond_to_batch(ids, mask, txt_len=10, uniforms=u)
+    for row in range(8):
+        n = int(mask[row].sum())
+        alone = model.respond_to_batch(ids[row : row + 1, :n], txt_len=10, uniforms=u[row : row + 1])
+        np.testing.assert_array_equal(np.asarray(alone.tokens[0]), np.asarray(batch.tokens[row]))
+        np.testing.assert_allclose(np.asarray(alone.logprobs[0]), np.asarray(batch.logprobs[row]), atol=1e-4)

@@ -15,7 +15,7 @@ from t5vh_fast import sampling
 from t5vh_fast.demo import build_model, write_demo
 from t5vh_fast.modeling import T5HeadWithValueModel, draw, filter_logits, load_reference
 
-from .conftest import mixed_queries, tol
+from .conftest import assert_pad_invariant, mixed_queries, tol
 
 EOS = 1
 
@@ -209,14 +209,7 @@ def test_eos_is_not_masked_its_probability_is_the_models(reference):
 
 
 def test_pad_invariance(reference):
-    ids, mask = mixed_queries(8, 256, seed=2, min_len=3, max_len=15)
-    u = np.random.default_rng(3).random((8, 10))
-    batch = reference.respond_to_batch(ids, mask, txt_len=10, uniforms=u)
-    for row in range(8):
-        n = int(mask[row].sum())
-        alone = reference.respond_to_batch(ids[row : row + 1, :n], txt_len=10, uniforms=u[row : row + 1])
-        assert torch.equal(alone.tokens[0], batch.tokens[row])
-        assert torch.allclose(alone.logprobs[0], batch.logprobs[row], atol=1e-4)
+    assert_pad_invariant(reference, seed=2)
 
 
 def test_cached_and_uncached_paths_agree(reference):

@@ -18,7 +18,7 @@ from t5vh_fast import session as session_module
 from t5vh_fast.manifest import MANIFEST_NAME, ExportError
 from t5vh_fast.modeling import filter_logits as torch_filter
 
-from .conftest import mixed_queries, tol
+from .conftest import assert_pad_invariant, mixed_queries, tol
 
 EOS = 1
 FILTERS = [(0, 1.0), (20, 1.0), (0, 0.85), (30, 0.9)]
@@ -118,14 +118,7 @@ def test_exact_length_and_sampling_after_eos(policy, reference):
 
 
 def test_pad_invariance(policy):
-    ids, mask = mixed_queries(8, 256, seed=13, min_len=3, max_len=16)
-    u = np.random.default_rng(13).random((8, 10))
-    batch = policy.respond_to_batch(ids, mask, txt_len=10, uniforms=u)
-    for row in range(8):
-        n = int(mask[row].sum())
-        alone = policy.respond_to_batch(ids[row : row + 1, :n], txt_len=10, uniforms=u[row : row + 1])
-        np.testing.assert_array_equal(alone.tokens[0], batch.tokens[row])
-        np.testing.assert_allclose(alone.logprobs[0], batch.logprobs[row], atol=1e-4)
+    assert_pad_invariant(policy, seed=13)
 
 
 @pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (25, 0.9)])
