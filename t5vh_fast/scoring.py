@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 
 from .results import Scores
-from .sampling import logsumexp
+from .sampling import exp_weights
 from .session import Graphs
 
 
@@ -20,10 +20,9 @@ def score(graphs: Graphs, ids, mask, responses, response_mask, *, decoder_start_
     logits, values, _ = graphs.decode(state, decoder_ids)
     batch, length, vocab = logits.shape
     flat = logits.reshape(batch * length, vocab)
-    lse = logsumexp(flat)
+    weights, block_sums, lse = exp_weights(flat)  # weights = exp(logits - max): one exp pass for both
     chosen = np.take_along_axis(flat, responses.reshape(-1, 1), axis=-1)[:, 0]
-    probs = np.exp(flat - lse[:, None])
-    entropy = lse - np.einsum("ij,ij->i", probs, flat)
+    entropy = lse - np.einsum("ij,ij->i", weights, flat) / block_sums.sum(axis=-1)
     keep = response_mask.astype(np.float32)
     return Scores(
         logprobs=(chosen - lse).reshape(batch, length) * keep,
