@@ -14,7 +14,6 @@ import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +59,7 @@ def main() -> None:
 
     export_dir = demo_export(args.size, args.cache_dir or default_cache_dir(), log=print)
     vocab = json.loads((export_dir / "config.json").read_text())["vocab_size"]
-    print(f"| rows | sort window | rows/s | tokens/s | peak RSS MB |\n|---:|---:|---:|---:|---:|")
+    print("| rows | sort window | rows/s | tokens/s | peak RSS MB |\n|---:|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as tmp:
         for n, window in ((args.rows, 16), (10 * args.rows, 16), (args.rows, 1)):
             src, out = Path(tmp) / f"in-{n}.jsonl", Path(tmp) / f"out-{n}-{window}.jsonl"

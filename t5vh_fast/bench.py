@@ -8,6 +8,7 @@ the same thread count.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import platform
@@ -81,26 +82,6 @@ def _runner(system: str, model_dir: Path, export_dir: Path, threads: int, cache_
 
         return run
 
-    if system == "optimum":
-        import onnxruntime as ort
-        import torch
-        from optimum.onnxruntime import ORTModelForSeq2SeqLM
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        model = ORTModelForSeq2SeqLM.from_pretrained(export_dir, session_options=options, provider="CPUExecutionProvider")
-        vocab = model.config.vocab_size
-
-        def run(ids, n):
-            ids = torch.from_numpy(ids)
-            out = model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0, top_p=1.0,
-                max_new_tokens=n, eos_token_id=vocab, pad_token_id=0,
-            )
-            return out[:, 1:].numpy(), None
-
-        return run
-
     if system in ("ct2", "ct2-int8"):
         import ctranslate2
 
@@ -120,6 +101,25 @@ def _runner(system: str, model_dir: Path, export_dir: Path, threads: int, cache_
         return run
 
     import torch
+
+    if system == "optimum":
+        import onnxruntime as ort
+        from optimum.onnxruntime import ORTModelForSeq2SeqLM
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        model = ORTModelForSeq2SeqLM.from_pretrained(export_dir, session_options=options, provider="CPUExecutionProvider")
+        vocab = model.config.vocab_size
+
+        def run(ids, n):
+            ids = torch.from_numpy(ids)
+            out = model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0, top_p=1.0,
+                max_new_tokens=n, eos_token_id=vocab, pad_token_id=0,
+            )
+            return out[:, 1:].numpy(), None
+
+        return run
 
     from .modeling import load_reference
 
@@ -280,7 +280,6 @@ def floor_worker(spec: dict) -> dict:
             session.run(None, {"x": x})
         best = min(_timed(lambda: session.run(None, {"x": x})) for _ in range(10))
         read_gb_s = max(read_gb_s, matrix.nbytes / best / 1e9)
-        del session, model
     copy = np.empty_like(matrix)
     copy_best = min(_timed(lambda: np.copyto(copy, matrix)) for _ in range(5))
     return {
@@ -333,12 +332,8 @@ def available_systems() -> list:
     systems = ["seed", "torch", "hf-generate", "optimum", "t5vh"]
     if cuda_device_present():
         systems.append("t5vh-cuda")
-    try:
-        import ctranslate2  # noqa: F401
-
+    if importlib.util.find_spec("ctranslate2") is not None:
         systems += ["ct2", "ct2-int8"]
-    except ImportError:
-        pass
     return systems
 
 

@@ -10,14 +10,11 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, TextIO
-
-import numpy as np
 
 from .inputs import pad_batch
 from .scoring import reward

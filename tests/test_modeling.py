@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import warnings
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsW
 
 from t5vh_fast import sampling
 from t5vh_fast.demo import build_model, write_demo
-from t5vh_fast.modeling import T5HeadWithValueModel, draw, filter_logits, load_reference
+from t5vh_fast.modeling import draw, filter_logits, load_reference
 
 from .conftest import assert_pad_invariant, mixed_queries, tol
 

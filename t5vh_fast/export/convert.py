@@ -8,7 +8,6 @@ export leaves nothing behind.
 from __future__ import annotations
 
 import datetime
-import os
 import shutil
 import tempfile
 import time
