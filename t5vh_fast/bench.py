@@ -459,6 +459,8 @@ def plot(report: dict, path: Path) -> None:
             ax.plot(*zip(*points), marker="o", label=system, linewidth=2.5 if system.startswith("t5vh") else 1.2)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    batches = report["workload"]["batch_sizes"]
+    ax.set_xticks(batches, [str(b) for b in batches])
     ax.set_xlabel("batch size")
     ax.set_ylabel("new tokens / s")
     w = report["workload"]

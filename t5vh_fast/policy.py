@@ -13,7 +13,7 @@ from .manifest import read_manifest
 from .results import Rollout, Scores
 from .rollout import respond
 from .scoring import score as _score
-from .session import Graphs
+from .session import Graphs, graph_files
 
 
 class OnnxPolicy:
@@ -116,5 +116,5 @@ def load(
     graph (``verify=False`` skips the hashes, not the version).
     """
     root = Path(export_dir).expanduser()
-    manifest = read_manifest(root, verify_hashes=verify)
+    manifest = read_manifest(root, verify_hashes=verify, only=graph_files(decoder))
     return OnnxPolicy(root, manifest, Graphs(root, providers=providers, threads=threads, decoder=decoder))

@@ -67,6 +67,13 @@ def resolve_providers(providers: Union[str, Sequence[str]] = "auto") -> List[str
     return providers
 
 
+def graph_files(decoder: str) -> List[str]:
+    """The graph files a decoder layout runs."""
+    if decoder not in DECODER_LAYOUTS:
+        raise ValueError(f"decoder must be one of {DECODER_LAYOUTS}, got {decoder!r}")
+    return [ENCODER] + ([DECODER_MERGED] if decoder == "merged" else [DECODER, DECODER_WITH_PAST])
+
+
 def make_session(path: Path, providers: List[str], threads: Optional[int]) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -111,13 +118,11 @@ class Graphs:
         threads: Optional[int] = None,
         decoder: str = "split",
     ):
-        if decoder not in DECODER_LAYOUTS:
-            raise ValueError(f"decoder must be one of {DECODER_LAYOUTS}, got {decoder!r}")
+        names = graph_files(decoder)
         requested = providers
         provider_list = resolve_providers(providers)
         if provider_list[0] != CPU and hasattr(ort, "preload_dlls"):
             ort.preload_dlls()  # CUDA/cuDNN from pip's nvidia-* packages, when installed that way
-        names = [ENCODER] + ([DECODER_MERGED] if decoder == "merged" else [DECODER, DECODER_WITH_PAST])
         for name in names:
             if not (root / name).is_file():
                 raise ExportError(f"{root} has no {name}: re-export with the graphs for decoder={decoder!r}")
