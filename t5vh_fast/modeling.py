@@ -421,11 +421,6 @@ def _to_numpy(x):
     return x
 
 
-def rollout_to_numpy(rollout: Rollout) -> Rollout:
-    """The same rollout with NumPy arrays (for comparing with the ONNX runtime)."""
-    return Rollout(**{k: None if v is None else _to_numpy(v) for k, v in rollout.__dict__.items()})
-
-
 __all__ = [
     "T5HeadWithValueModel",
     "ValueHead",
@@ -433,5 +428,4 @@ __all__ = [
     "filter_logits",
     "draw",
     "token_logprobs",
-    "rollout_to_numpy",
 ]

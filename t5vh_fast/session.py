@@ -133,6 +133,7 @@ class Graphs:
                 raise
             provider_list = [CPU]  # "auto": CUDA was there but did not start; say so via .providers
             sessions = [make_session(root / n, provider_list, threads) for n in names]
+        self._output_names = {id(s): [o.name for o in s.get_outputs()] for s in sessions}
         self.providers = sessions[0].get_providers()
         self.device = "cuda" if self.providers[0] in (CUDA, TENSORRT) else "cpu"
         self.decoder_layout = decoder
@@ -157,7 +158,7 @@ class Graphs:
         binding = session.io_binding()
         for name, value in feeds.items():
             binding.bind_ortvalue_input(name, value)
-        names = [o.name for o in session.get_outputs()]
+        names = self._output_names[id(session)]
         for name in names:
             binding.bind_output(name, "cpu" if name in host else self.device)
         session.run_with_iobinding(binding)
