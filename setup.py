@@ -1,4 +1,12 @@
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+# The version lives in one place: t5vh_fast/__init__.py.
+VERSION = re.search(
+    r'^__version__ = "([^"]+)"', (Path(__file__).parent / "t5vh_fast" / "__init__.py").read_text(), re.M
+).group(1)
 
 # onnxruntime-gpu has wheels for x86-64 Linux and Windows only; elsewhere (macOS, ARM) use the
 # plain CPU package. Never both: they install the same module and overwrite each other.
@@ -13,11 +21,22 @@ _NO_GPU_WHEELS = (  # the exact complement of _GPU_WHEELS (markers have no "not"
 
 setup(
     name="t5vh_fast",
-    version="0.1.0",
+    version=VERSION,
     description="Fast, parity-checked ONNX Runtime inference for T5 policies with a value head (PPO rollouts and scoring)",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=(Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
+    license="Apache-2.0",
+    classifiers=[
+        "License :: OSI Approved :: Apache Software License",
+        "Operating System :: POSIX :: Linux",
+        "Operating System :: MacOS",
+        "Operating System :: Microsoft :: Windows",
+        "Programming Language :: Python :: 3.9",
+        "Programming Language :: Python :: 3.10",
+        "Programming Language :: Python :: 3.11",
+        "Programming Language :: Python :: 3.12",
+    ],
     packages=find_packages(include=["t5vh_fast", "t5vh_fast.*"]),
     install_requires=[
         "numpy>=1.24",
@@ -38,13 +57,14 @@ setup(
             "safetensors>=0.4",
             "sentencepiece>=0.1.99",
         ],
-        "test": ["pytest>=7", "scipy>=1.10", "matplotlib>=3.6"],
+        "test": ["pytest>=7", "scipy>=1.10", "matplotlib>=3.6", "ruff==0.17.5"],
         "bench": ["matplotlib>=3.6", "ctranslate2>=4.0"],
         # CUDA 13 + cuDNN 9 as pip packages, for onnxruntime-gpu's CUDA provider
         "gpu": [f"onnxruntime-gpu[cuda,cudnn]>=1.20; {_GPU_WHEELS}"],
     },
     entry_points={
         "console_scripts": [
+            "t5vh=t5vh_fast.cli:main",
             "t5vh-export=t5vh_fast.cli:export_command",
             "t5vh-demo=t5vh_fast.cli:demo_command",
             "t5vh-sample=t5vh_fast.cli:sample_command",

@@ -1,6 +1,6 @@
 """Split vs merged decoder graphs: rollout speed and peak RSS, each in its own process.
 
-    python benchmarks/decoder_layout.py [--size small] [--batch-sizes 1,16,64] [--new-tokens 128]
+python benchmarks/decoder_layout.py [--size small] [--batch-sizes 1,16,64] [--new-tokens 128]
 """
 
 from __future__ import annotations
@@ -28,10 +28,15 @@ def worker(export_dir: str, layout: str, batch: int, new_tokens: int, threads: i
         start = time.perf_counter()
         policy.respond_to_batch(ids, txt_len=new_tokens, seed=0)
         best = min(best, time.perf_counter() - start)
-    print(json.dumps({
-        "tokens_per_s": batch * new_tokens / best, "rss_after_load_mb": loaded,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    }))
+    print(
+        json.dumps(
+            {
+                "tokens_per_s": batch * new_tokens / best,
+                "rss_after_load_mb": loaded,
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -55,9 +60,23 @@ def main() -> None:
     print("| decoder | batch | tokens/s | RSS after load MB | peak RSS MB |\n|---|---:|---:|---:|---:|")
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         for layout in ("split", "merged"):
-            cmd = [sys.executable, __file__, "--worker", str(export_dir), layout, str(batch), str(args.new_tokens), str(args.threads)]
-            r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
-            print(f"| {layout} | {batch} | {r['tokens_per_s']:.0f} | {r['rss_after_load_mb']:.0f} | {r['peak_rss_mb']:.0f} |", flush=True)
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                str(export_dir),
+                layout,
+                str(batch),
+                str(args.new_tokens),
+                str(args.threads),
+            ]
+            r = json.loads(
+                subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            )
+            print(
+                f"| {layout} | {batch} | {r['tokens_per_s']:.0f} | {r['rss_after_load_mb']:.0f} | {r['peak_rss_mb']:.0f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

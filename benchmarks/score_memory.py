@@ -35,11 +35,17 @@ def worker(export_dir: str, src: str, out: str, batch_size: int, sort_window: in
     policy = t5vh_fast.load(export_dir, providers="cpu", threads=threads)
     with open(src) as f:
         summary = run_job(policy, f, Path(out), batch_size=batch_size, sort_window=sort_window)
-    print(json.dumps({
-        "rows": summary.rows_ok, "seconds": summary.elapsed_s, "rows_per_s": summary.rows_ok / summary.elapsed_s,
-        "tokens_per_s": summary.tokens / summary.elapsed_s,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    }))
+    print(
+        json.dumps(
+            {
+                "rows": summary.rows_ok,
+                "seconds": summary.elapsed_s,
+                "rows_per_s": summary.rows_ok / summary.elapsed_s,
+                "tokens_per_s": summary.tokens / summary.elapsed_s,
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -65,9 +71,24 @@ def main() -> None:
             src, out = Path(tmp) / f"in-{n}.jsonl", Path(tmp) / f"out-{n}-{window}.jsonl"
             if not src.exists():
                 make_rows(src, n, vocab)
-            cmd = [sys.executable, __file__, "--worker", str(export_dir), str(src), str(out), str(args.batch_size), str(window), str(args.threads)]
-            r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
-            print(f"| {n} | {window} | {r['rows_per_s']:.1f} | {r['tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} |", flush=True)
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                str(export_dir),
+                str(src),
+                str(out),
+                str(args.batch_size),
+                str(window),
+                str(args.threads),
+            ]
+            r = json.loads(
+                subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            )
+            print(
+                f"| {n} | {window} | {r['rows_per_s']:.1f} | {r['tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from importlib import metadata
 from pathlib import Path
 
 SYSTEMS = {
-    "seed": "PyTorch reference, no KV cache (the seed's sampler)",
+    "torch-nocache": "PyTorch reference, no KV cache (the plain sampler re-running the model on the whole prefix)",
     "torch": "PyTorch reference with KV cache",
     "hf-generate": "transformers generate(do_sample=True), unreachable eos_token_id",
     "optimum": "Optimum ORTModelForSeq2SeqLM.generate on the same export",
@@ -67,18 +67,14 @@ def _runner(system: str, model_dir: Path, export_dir: Path, threads: int, cache_
         policy = t5vh_fast.load(export_dir, providers="cuda" if system == "t5vh-cuda" else "cpu", threads=threads)
 
         def run(ids, n):
-            clock = StepClock()
-            decode = policy.graphs.decode
+            clock = StepClock()  # a mark as each step starts: before the first, then after every step but the last
 
-            def timed(*args, **kwargs):
-                clock.mark()
-                return decode(*args, **kwargs)
+            def step_done(t, tokens):
+                if t < n - 1:
+                    clock.mark()
 
-            policy.graphs.decode = timed
-            try:
-                return policy.respond_to_batch(ids, txt_len=n, seed=0).tokens, clock
-            finally:
-                policy.graphs.decode = decode
+            clock.mark()
+            return policy.respond_to_batch(ids, txt_len=n, seed=0, callback=step_done).tokens, clock
 
         return run
 
@@ -92,8 +88,13 @@ def _runner(system: str, model_dir: Path, export_dir: Path, threads: int, cache_
         def run(ids, n):
             source = [[vocab[i] for i in row] for row in ids.tolist()]
             results = translator.translate_batch(
-                source, beam_size=1, sampling_topk=0, sampling_temperature=1.0, max_decoding_length=n,
-                end_token=[], return_end_token=True,
+                source,
+                beam_size=1,
+                sampling_topk=0,
+                sampling_temperature=1.0,
+                max_decoding_length=n,
+                end_token=[],
+                return_end_token=True,
             )
             index = {token: i for i, token in enumerate(vocab)}
             return np.array([[index[t] for t in r.hypotheses[0]] for r in results]), None
@@ -108,20 +109,28 @@ def _runner(system: str, model_dir: Path, export_dir: Path, threads: int, cache_
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
-        model = ORTModelForSeq2SeqLM.from_pretrained(export_dir, session_options=options, provider="CPUExecutionProvider")
+        model = ORTModelForSeq2SeqLM.from_pretrained(
+            export_dir, session_options=options, provider="CPUExecutionProvider"
+        )
         vocab = model.config.vocab_size
 
         def run(ids, n):
             ids = torch.from_numpy(ids)
             out = model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0, top_p=1.0,
-                max_new_tokens=n, eos_token_id=vocab, pad_token_id=0,
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=True,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=n,
+                eos_token_id=vocab,
+                pad_token_id=0,
             )
             return out[:, 1:].numpy(), None
 
         return run
 
-    from .modeling import load_reference
+    from .checkpoint import load_reference
 
     torch.set_num_threads(threads)
     model = load_reference(model_dir)
@@ -134,8 +143,14 @@ def _runner(system: str, model_dir: Path, export_dir: Path, threads: int, cache_
             if system == "hf-generate":
                 with torch.no_grad():
                     out = model.generate(
-                        input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0, top_p=1.0,
-                        max_new_tokens=n, eos_token_id=model.config.vocab_size, pad_token_id=0,
+                        input_ids=ids,
+                        attention_mask=torch.ones_like(ids),
+                        do_sample=True,
+                        top_k=0,
+                        top_p=1.0,
+                        max_new_tokens=n,
+                        eos_token_id=model.config.vocab_size,
+                        pad_token_id=0,
                     )
                 return out[:, 1:].numpy(), clock
             rollout = model.respond_to_batch(ids, txt_len=n, use_cache=system == "torch")
@@ -157,7 +172,7 @@ def _ct2_model(model_dir: Path, cache_dir: Path, *, int8: bool) -> Path:
     import ctranslate2
     from transformers import T5ForConditionalGeneration
 
-    from .modeling import load_reference
+    from .checkpoint import load_reference
 
     model = load_reference(model_dir)
     body = T5ForConditionalGeneration(model.config)
@@ -216,28 +231,45 @@ def run_worker(spec: dict) -> dict:
     }
 
 
+def rollout_parity(policy, reference, ids, mask, uniforms) -> dict:
+    """The t5vh sampler against the PyTorch reference on shared uniforms, and both timed.
+
+    Log-prob and value differences are taken on each row's common prefix (where
+    the two samplers chose the same tokens so far).
+    """
+    import numpy as np
+
+    start = time.perf_counter()
+    ours = policy.respond_to_batch(ids, mask, txt_len=uniforms.shape[1], uniforms=uniforms)
+    ours_s = time.perf_counter() - start
+    start = time.perf_counter()
+    ref = reference.respond_to_batch(ids, mask, txt_len=uniforms.shape[1], uniforms=uniforms)
+    ref_s = time.perf_counter() - start
+    ref_tokens = ref.tokens.numpy()
+    same = np.cumprod(ours.tokens == ref_tokens, axis=1).astype(bool)
+    return {
+        "rows": int(ids.shape[0]),
+        "tokens": int(uniforms.shape[1]),
+        "identical_tokens": float((ours.tokens == ref_tokens).mean()),
+        "max_logprob_diff": float(np.abs(ours.logprobs - ref.logprobs.numpy())[same].max()),
+        "max_value_diff": float(np.abs(ours.values - ref.values.numpy())[same].max()),
+        "t5vh_s": ours_s,
+        "torch_s": ref_s,
+    }
+
+
 def parity_worker(spec: dict) -> dict:
-    """The t5vh sampler against the PyTorch reference on shared uniforms."""
+    """The t5vh sampler against the PyTorch reference on shared uniforms (8 rows x 32 tokens)."""
     import numpy as np
 
     import t5vh_fast
 
-    from .modeling import load_reference
+    from .checkpoint import load_reference
 
     reference = load_reference(Path(spec["model_dir"]))
     policy = t5vh_fast.load(spec["export_dir"], providers="cpu", threads=spec["threads"])
     ids = _queries(8, reference.config.vocab_size, seed=1)
-    u = np.random.default_rng(1).random((8, 32))
-    ours = policy.respond_to_batch(ids, txt_len=32, uniforms=u)
-    ref = reference.respond_to_batch(ids, txt_len=32, uniforms=u)
-    same = np.cumprod(ours.tokens == ref.tokens.numpy(), axis=1).astype(bool)
-    return {
-        "rows": 8,
-        "tokens": 32,
-        "identical_tokens": float((ours.tokens == ref.tokens.numpy()).mean()),
-        "max_logprob_diff": float(np.abs(ours.logprobs - ref.logprobs.numpy())[same].max()),
-        "max_value_diff": float(np.abs(ours.values - ref.values.numpy())[same].max()),
-    }
+    return rollout_parity(policy, reference, ids, np.ones_like(ids), np.random.default_rng(1).random((8, 32)))
 
 
 def floor_worker(spec: dict) -> dict:
@@ -255,7 +287,8 @@ def floor_worker(spec: dict) -> dict:
     graph = onnx.load(str(Path(spec["export_dir"]) / "decoder_with_past_model.onnx"), load_external_data=False).graph
     gathered = {n.input[0] for n in graph.node if n.op_type == "Gather"}  # embedding tables: one row read per token
     weights = sum(
-        int(np.prod(init.dims)) * 4 for init in graph.initializer
+        int(np.prod(init.dims)) * 4
+        for init in graph.initializer
         if init.data_type == TensorProto.FLOAT and init.name not in gathered and len(init.dims) == 2
     )
     options = ort.SessionOptions()
@@ -266,7 +299,8 @@ def floor_worker(spec: dict) -> dict:
         matrix = np.random.default_rng(0).random((k, cols), dtype=np.float32)
         model = helper.make_model(
             helper.make_graph(
-                [helper.make_node("MatMul", ["x", "w"], ["y"])], "gemv",
+                [helper.make_node("MatMul", ["x", "w"], ["y"])],
+                "gemv",
                 [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, cols])],
                 [numpy_helper.from_array(matrix, "w")],
@@ -278,10 +312,10 @@ def floor_worker(spec: dict) -> dict:
         x = np.ones((1, k), dtype=np.float32)
         for _ in range(3):
             session.run(None, {"x": x})
-        best = min(_timed(lambda: session.run(None, {"x": x})) for _ in range(10))
+        best = min(_timed(session.run, None, {"x": x}) for _ in range(10))
         read_gb_s = max(read_gb_s, matrix.nbytes / best / 1e9)
     copy = np.empty_like(matrix)
-    copy_best = min(_timed(lambda: np.copyto(copy, matrix)) for _ in range(5))
+    copy_best = min(_timed(np.copyto, copy, matrix) for _ in range(5))
     return {
         "weight_bytes": weights,
         "read_gb_s": read_gb_s,
@@ -290,9 +324,9 @@ def floor_worker(spec: dict) -> dict:
     }
 
 
-def _timed(fn) -> float:
+def _timed(fn, *args) -> float:
     start = time.perf_counter()
-    fn()
+    fn(*args)
     return time.perf_counter() - start
 
 
@@ -309,7 +343,17 @@ def machine_info(threads: int) -> dict:
     except OSError:
         pass
     versions = {}
-    for name in ("t5vh_fast", "torch", "transformers", "optimum", "optimum-onnx", "onnxruntime-gpu", "onnxruntime", "numpy", "ctranslate2"):
+    for name in (
+        "t5vh_fast",
+        "torch",
+        "transformers",
+        "optimum",
+        "optimum-onnx",
+        "onnxruntime-gpu",
+        "onnxruntime",
+        "numpy",
+        "ctranslate2",
+    ):
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -327,9 +371,9 @@ def machine_info(threads: int) -> dict:
 
 
 def available_systems() -> list:
-    from .session import cuda_device_present
+    from .providers import cuda_device_present
 
-    systems = ["seed", "torch", "hf-generate", "optimum", "t5vh"]
+    systems = ["torch-nocache", "torch", "hf-generate", "optimum", "t5vh"]
     if cuda_device_present():
         systems.append("t5vh-cuda")
     if importlib.util.find_spec("ctranslate2") is not None:
@@ -339,7 +383,12 @@ def available_systems() -> list:
 
 def spawn(kind: str, spec: dict, cap: float) -> dict:
     """Run a worker in a fresh interpreter; a run past ``cap`` seconds is reported, not waited for."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]), TOKENIZERS_PARALLELISM="false")
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(spec["threads"]),
+        MKL_NUM_THREADS=str(spec["threads"]),
+        TOKENIZERS_PARALLELISM="false",
+    )
     cmd = [sys.executable, "-m", "t5vh_fast.bench", kind, json.dumps(spec)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=cap, env=env)
@@ -385,7 +434,13 @@ def run_benchmark(
     return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": machine_info(threads),
-        "workload": {"query_tokens": QUERY_LEN, "new_tokens": new_tokens, "top_k": 0, "top_p": 1.0, "batch_sizes": batch_sizes},
+        "workload": {
+            "query_tokens": QUERY_LEN,
+            "new_tokens": new_tokens,
+            "top_k": 0,
+            "top_p": 1.0,
+            "batch_sizes": batch_sizes,
+        },
         "systems": {s: SYSTEMS[s] for s in systems},
         "results": results,
         "parity": parity,
@@ -429,8 +484,14 @@ def markdown(report: dict) -> str:
     lines.append("Systems: " + "; ".join(f"`{k}` = {v}" for k, v in report["systems"].items()))
     f = report.get("floor", {})
     if "floor_ms" in f:
-        ours = next((r for r in report["results"] if r["system"] == "t5vh" and r["batch"] == 1 and "error" not in r), None)
-        share = f", t5vh at batch 1: {ours['step_ms_p50']:.2f} ms/step = {100 * f['floor_ms'] / ours['step_ms_p50']:.0f}% of the floor" if ours else ""
+        ours = next(
+            (r for r in report["results"] if r["system"] == "t5vh" and r["batch"] == 1 and "error" not in r), None
+        )
+        share = (
+            f", t5vh at batch 1: {ours['step_ms_p50']:.2f} ms/step = {100 * f['floor_ms'] / ours['step_ms_p50']:.0f}% of the floor"
+            if ours
+            else ""
+        )
         lines.append(
             f"Bandwidth floor (batch 1): {f['weight_bytes'] / 1e6:.0f} MB of decoder + LM-head weights / "
             f"{f['read_gb_s']:.1f} GB/s (onnxruntime MatMul streaming the same bytes; NumPy copy {f['copy_gb_s']:.1f} GB/s) "
@@ -454,7 +515,9 @@ def plot(report: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for system in report["systems"]:
-        points = sorted((r["batch"], r["tokens_per_s"]) for r in report["results"] if r["system"] == system and "error" not in r)
+        points = sorted(
+            (r["batch"], r["tokens_per_s"]) for r in report["results"] if r["system"] == system and "error" not in r
+        )
         if points:
             ax.plot(*zip(*points), marker="o", label=system, linewidth=2.5 if system.startswith("t5vh") else 1.2)
     ax.set_xscale("log", base=2)
@@ -464,7 +527,9 @@ def plot(report: dict, path: Path) -> None:
     ax.set_xlabel("batch size")
     ax.set_ylabel("new tokens / s")
     w = report["workload"]
-    ax.set_title(f"Sampling {w['new_tokens']} tokens after a {w['query_tokens']}-token query ({report['machine']['threads']} threads)")
+    ax.set_title(
+        f"Sampling {w['new_tokens']} tokens after a {w['query_tokens']}-token query ({report['machine']['threads']} threads)"
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -474,7 +539,7 @@ def plot(report: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-if __name__ == "__main__":  # worker entry: python -m t5vh_fast.bench {run|parity|floor} SPEC_JSON
+if __name__ == "__main__":  # worker entry: python -m t5vh_fast.bench {run|parity|floor|convert} SPEC_JSON
     kind, spec = sys.argv[1], json.loads(sys.argv[2])
     worker = {"run": run_worker, "parity": parity_worker, "floor": floor_worker, "convert": convert_worker}[kind]
     print(json.dumps(worker(spec)))

@@ -1,7 +1,8 @@
-"""Command-line entry points. Thin: the logic lives in the library.
+"""Command-line entry points: one ``t5vh`` group, and each command also as ``t5vh-<command>``.
 
-Errors from the library become one-line ``click.ClickException``s here, at the
-boundary, and nowhere else.
+Thin: the logic lives in the library. The package's own user errors
+(``T5vhError``) become one-line ``click.ClickException``s here, at the
+boundary, and nowhere else; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -15,20 +16,19 @@ from pathlib import Path
 
 import click
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, FloatingPointError)
+from . import __version__
+from .errors import T5vhError
 
 
 def user_errors(func):
-    """Turn the library's user-facing errors into one clean line and exit status 1."""
+    """Turn the package's user errors into one clean line and exit status 1."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
-        except USER_ERRORS as exc:
+        except T5vhError as exc:
             raise click.ClickException(str(exc)) from None
-        except RuntimeError as exc:  # parity failures and provider failures: still one message
-            raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
 
     return wrapper
 
@@ -66,7 +66,14 @@ def export_command(model_dir, output, force, merged, opset, allow_pickle, strict
 
     start = time.perf_counter()
     out = export(
-        model_dir, output, force=force, merged=merged, opset=opset, allow_pickle=allow_pickle, strict=strict, log=_echo_err
+        model_dir,
+        output,
+        force=force,
+        merged=merged,
+        opset=opset,
+        allow_pickle=allow_pickle,
+        strict=strict,
+        log=_echo_err,
     )
     click.echo(f"exported {model_dir} to {out} in {time.perf_counter() - start:.1f} s")
 
@@ -90,7 +97,13 @@ def demo_command():
 @click.option("--size", type=click.Choice(["tiny", "small"]), default="tiny", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--family", type=click.Choice(["t5", "t5-v1_1", "mt5"]), default="t5", show_default=True)
-@click.option("--head-layout", type=click.Choice(["seed", "trl"]), default="seed", show_default=True)
+@click.option(
+    "--head-layout",
+    type=click.Choice(["logits", "hidden", "seed", "trl"]),
+    default="logits",
+    show_default=True,
+    help="What the value head reads: the LM logits or the last hidden state (seed/trl: old names).",
+)
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
 @user_errors
 def demo_write(out_dir, size, seed, family, head_layout, force):
@@ -108,7 +121,9 @@ def demo_write(out_dir, size, seed, family, head_layout, force):
 
 @demo_command.command(name="run")
 @click.option("--size", type=click.Choice(["tiny", "small"]), default="small", show_default=True)
-@click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help="[default: $T5VH_CACHE or ~/.cache/t5vh_fast]")
+@click.option(
+    "--cache-dir", type=click.Path(path_type=Path), default=None, help="[default: $T5VH_CACHE or ~/.cache/t5vh_fast]"
+)
 @click.option("--txt-len", type=int, default=32, show_default=True)
 @click.option("--threads", type=int, default=None)
 @user_errors
@@ -123,8 +138,8 @@ def demo_run(size, cache_dir, txt_len, threads):
     import torch
 
     from . import load
-    from .modeling import load_reference
-
+    from .bench import rollout_parity
+    from .checkpoint import load_reference
     from .demo import default_cache_dir, demo_export
 
     cache_dir = cache_dir or default_cache_dir()
@@ -140,22 +155,16 @@ def demo_run(size, cache_dir, txt_len, threads):
         torch.set_num_threads(threads)
     ids, mask = policy.encode_text(queries * 4)
     uniforms = np.random.default_rng(0).random((ids.shape[0], txt_len))
-    start = time.perf_counter()
-    ours = policy.respond_to_batch(ids, mask, txt_len=txt_len, uniforms=uniforms)
-    ours_s = time.perf_counter() - start
-    start = time.perf_counter()
-    ref = reference.respond_to_batch(torch.from_numpy(ids), torch.from_numpy(mask), txt_len=txt_len, uniforms=uniforms)
-    ref_s = time.perf_counter() - start
-    same = float((ours.tokens == ref.tokens.numpy()).mean())
+    p = rollout_parity(policy, reference, ids, mask, uniforms)
     click.echo(
-        f"parity vs PyTorch (shared uniforms, {ids.shape[0]} rows x {txt_len}): tokens identical {same:.1%}, "
-        f"max |logprob diff| {np.abs(ours.logprobs - ref.logprobs.numpy()).max():.2e}, "
-        f"max |value diff| {np.abs(ours.values - ref.values.numpy()).max():.2e}"
+        f"parity vs PyTorch (shared uniforms, {p['rows']} rows x {p['tokens']}): tokens identical "
+        f"{p['identical_tokens']:.1%}, max |logprob diff| {p['max_logprob_diff']:.2e}, "
+        f"max |value diff| {p['max_value_diff']:.2e}"
     )
-    n = ids.shape[0] * txt_len
+    n = p["rows"] * p["tokens"]
     click.echo(
-        f"speed: t5vh {n / ours_s:.0f} tok/s, PyTorch reference (KV cache) {n / ref_s:.0f} tok/s "
-        f"({ref_s / ours_s:.1f}x) at batch {ids.shape[0]}"
+        f"speed: t5vh {n / p['t5vh_s']:.0f} tok/s, PyTorch reference (KV cache) {n / p['torch_s']:.0f} tok/s "
+        f"({p['torch_s'] / p['t5vh_s']:.1f}x) at batch {p['rows']}"
     )
 
 
@@ -212,17 +221,38 @@ def sample_command(export_dir, texts, txt_len, top_k, top_p, seed, num_return_se
 @click.argument("export_dir", type=click.Path(path_type=Path))
 @click.argument("input_file", type=click.File("r", encoding="utf-8"))
 @click.option("-o", "--output", required=True, help="Output JSONL path, or - for stdout. An existing file is resumed.")
-@click.option("--ref", "ref_dir", type=click.Path(path_type=Path), default=None, help="Reference export for KL and reward.")
-@click.option("--beta", type=float, default=0.1, show_default=True, help="KL coefficient: reward = score - beta * sum(kl).")
+@click.option(
+    "--ref", "ref_dir", type=click.Path(path_type=Path), default=None, help="Reference export for KL and reward."
+)
+@click.option(
+    "--beta", type=float, default=0.1, show_default=True, help="KL coefficient: reward = score - beta * sum(kl)."
+)
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--max-tokens", type=int, default=512, show_default=True, help="Longest query + response, in tokens.")
-@click.option("--sort-window", type=int, default=16, show_default=True, help="Batches read ahead and sorted by length (1 = off).")
-@click.option("--errors", "errors_path", default=None, help="Bad rows go here [default: OUTPUT.errors.jsonl, or stderr].")
+@click.option(
+    "--sort-window", type=int, default=16, show_default=True, help="Batches read ahead and sorted by length (1 = off)."
+)
+@click.option(
+    "--errors", "errors_path", default=None, help="Bad rows go here [default: OUTPUT.errors.jsonl, or stderr]."
+)
 @click.option("--fail-fast", is_flag=True, help="Stop with an error at the first bad row.")
 @click.option("--providers", default="auto", show_default=True, help="auto, cpu, cuda or tensorrt.")
 @click.option("--threads", type=int, default=None)
 @user_errors
-def score_command(export_dir, input_file, output, ref_dir, beta, batch_size, max_tokens, sort_window, errors_path, fail_fast, providers, threads):
+def score_command(
+    export_dir,
+    input_file,
+    output,
+    ref_dir,
+    beta,
+    batch_size,
+    max_tokens,
+    sort_window,
+    errors_path,
+    fail_fast,
+    providers,
+    threads,
+):
     """Score query/response pairs from a JSONL file: log-probs, values, KL, reward.
 
     Rows: {"id": ..., "query": "..." or "query_ids": [...], "response": "..."
@@ -277,16 +307,32 @@ def _int_list(ctx, param, value):
 
 
 @click.command(name="t5vh-bench")
-@click.option("--size", type=click.Choice(["tiny", "small"]), default="small", show_default=True, help="Demo model size (small = t5-small shape).")
+@click.option(
+    "--size",
+    type=click.Choice(["tiny", "small"]),
+    default="small",
+    show_default=True,
+    help="Demo model size (small = t5-small shape).",
+)
 @click.option("--systems", default=None, help="Comma-separated subset [default: every system installed here].")
 @click.option("--batch-sizes", default="1,16,64", show_default=True, callback=_int_list)
 @click.option("--new-tokens", type=int, default=128, show_default=True)
 @click.option("--threads", type=int, default=None, help="Threads for every system [default: all cores].")
-@click.option("--cap", type=float, default=120.0, show_default=True, help="Seconds one run may take before it is reported as too slow.")
+@click.option(
+    "--cap",
+    type=float,
+    default=120.0,
+    show_default=True,
+    help="Seconds one run may take before it is reported as too slow.",
+)
 @click.option("--quick", is_flag=True, help="Batch sizes 1,4 and 16 new tokens: a run of a minute or two.")
-@click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help="[default: $T5VH_CACHE or ~/.cache/t5vh_fast]")
+@click.option(
+    "--cache-dir", type=click.Path(path_type=Path), default=None, help="[default: $T5VH_CACHE or ~/.cache/t5vh_fast]"
+)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write every number here.")
-@click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None, help="Write a PNG: tokens/s vs batch size.")
+@click.option(
+    "--plot", "plot_path", type=click.Path(path_type=Path), default=None, help="Write a PNG: tokens/s vs batch size."
+)
 @user_errors
 def bench_command(size, systems, batch_sizes, new_tokens, threads, cap, quick, cache_dir, json_path, plot_path):
     """Compare the t5vh sampler with PyTorch, transformers generate, Optimum and CTranslate2.
@@ -299,6 +345,7 @@ def bench_command(size, systems, batch_sizes, new_tokens, threads, cap, quick, c
         t5vh-bench --quick --size tiny --json bench.json --plot bench.png
         t5vh-bench --systems t5vh,optimum,ct2 --batch-sizes 1,16 --new-tokens 64
     """
+    from ._files import write_json_atomic
     from .bench import SYSTEMS, available_systems, markdown, plot, run_benchmark
     from .demo import default_cache_dir, demo_export
 
@@ -313,22 +360,56 @@ def bench_command(size, systems, batch_sizes, new_tokens, threads, cap, quick, c
         raise click.BadParameter(f"unknown {unknown}; choose from {', '.join(SYSTEMS)}", param_hint="--systems")
     missing = [s for s in chosen if s not in installed]
     if missing:
-        raise click.BadParameter(f"{missing} cannot run here (no GPU, or `pip install t5vh_fast[bench]` for CTranslate2)", param_hint="--systems")
+        raise click.BadParameter(
+            f"{missing} cannot run here (no GPU, or `pip install t5vh_fast[bench]` for CTranslate2)",
+            param_hint="--systems",
+        )
     threads = threads or os.cpu_count() or 1
     cache_dir = cache_dir or default_cache_dir()
     export_dir = demo_export(size, cache_dir, log=_echo_err)
     report = run_benchmark(
-        model_dir=cache_dir / f"demo-{size}", export_dir=export_dir, cache_dir=cache_dir, systems=chosen,
-        batch_sizes=batch_sizes, new_tokens=new_tokens, threads=threads, cap=cap, progress=_stderr_is_terminal(),
+        model_dir=cache_dir / f"demo-{size}",
+        export_dir=export_dir,
+        cache_dir=cache_dir,
+        systems=chosen,
+        batch_sizes=batch_sizes,
+        new_tokens=new_tokens,
+        threads=threads,
+        cap=cap,
+        progress=_stderr_is_terminal(),
     )
     report["command"] = " ".join(["t5vh-bench", *sys.argv[1:]])
     report["model"] = size
     click.echo(markdown(report))
     if json_path is not None:
-        from .manifest import write_json_atomic
-
         write_json_atomic(json_path, report)
     if plot_path is not None:
         plot(report, plot_path)
     if not any("error" not in r for r in report["results"]):
         raise click.ClickException("every run failed: " + "; ".join(r["error"] for r in report["results"][:3]))
+
+
+# ---------------------------------------------------------------------- the t5vh group
+
+
+@click.group(name="t5vh", context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="t5vh_fast")
+def main():
+    """Fast, parity-checked ONNX Runtime inference for T5 policies with a value head.
+
+    \b
+    Example:
+        t5vh demo write demo-model --size tiny
+        t5vh export demo-model
+        t5vh sample demo-model-onnx "paraphrase: Which course should I take?" --seed 0
+    """
+
+
+for _name, _command in (
+    ("export", export_command),
+    ("sample", sample_command),
+    ("score", score_command),
+    ("bench", bench_command),
+    ("demo", demo_command),
+):
+    main.add_command(_command, name=_name)

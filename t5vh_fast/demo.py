@@ -15,6 +15,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ._files import replace_dir
+from .errors import InputError, PathExists
+
 SIZES = {
     "tiny": dict(d_model=64, d_ff=128, d_kv=16, num_layers=2, num_decoder_layers=2, num_heads=4, vocab_size=256),
     "small": dict(d_model=512, d_ff=2048, d_kv=64, num_layers=6, num_decoder_layers=6, num_heads=8, vocab_size=32128),
@@ -90,13 +93,13 @@ def train_tokenizer(vocab_size: int):
     return tok
 
 
-def build_config(size: str = "tiny", *, family: str = "t5", head_layout: str = "seed"):
+def build_config(size: str = "tiny", *, family: str = "t5", head_layout: str = "logits"):
     from transformers import MT5Config, T5Config
 
     if size not in SIZES:
-        raise ValueError(f"unknown demo size {size!r}: choose one of {sorted(SIZES)}")
+        raise InputError(f"unknown demo size {size!r}: choose one of {sorted(SIZES)}")
     if family not in FAMILIES:
-        raise ValueError(f"unknown T5 family {family!r}: choose one of {sorted(FAMILIES)}")
+        raise InputError(f"unknown T5 family {family!r}: choose one of {sorted(FAMILIES)}")
     cls = MT5Config if family == "mt5" else T5Config
     return cls(
         **SIZES[size],
@@ -109,7 +112,7 @@ def build_config(size: str = "tiny", *, family: str = "t5", head_layout: str = "
     )
 
 
-def build_model(size: str = "tiny", *, seed: int = 0, family: str = "t5", head_layout: str = "seed"):
+def build_model(size: str = "tiny", *, seed: int = 0, family: str = "t5", head_layout: str = "logits"):
     """The seeded random value-head model (eval mode)."""
     import torch
 
@@ -123,14 +126,14 @@ def build_model(size: str = "tiny", *, seed: int = 0, family: str = "t5", head_l
 
 
 def write_demo(
-    out_dir, *, size: str = "tiny", seed: int = 0, family: str = "t5", head_layout: str = "seed", force: bool = False
+    out_dir, *, size: str = "tiny", seed: int = 0, family: str = "t5", head_layout: str = "logits", force: bool = False
 ) -> Path:
     """Write the demo model and its tokenizer to ``out_dir`` (atomically)."""
     from transformers import T5TokenizerFast
 
     out = Path(out_dir)
     if out.exists() and not force:
-        raise FileExistsError(f"{out} already exists: pass force=True (--force) to replace it")
+        raise PathExists(f"{out} already exists: pass force=True (--force) to replace it")
     model = build_model(size, seed=seed, family=family, head_layout=head_layout)
     tokenizer = T5TokenizerFast(
         tokenizer_object=train_tokenizer(TOKENIZER_VOCAB),
@@ -151,20 +154,6 @@ def write_demo(
     return out
 
 
-def replace_dir(tmp: Path, out: Path) -> None:
-    """Move a finished directory into place; an existing ``out`` is swapped out, then removed."""
-    from .manifest import umask_mode
-
-    os.chmod(tmp, umask_mode(0o777))
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-        os.replace(out, old / out.name)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
 def default_cache_dir() -> Path:
     """Where demo models and their exports are cached: ``$T5VH_CACHE`` or ``~/.cache/t5vh_fast``."""
     return Path(os.environ.get("T5VH_CACHE", Path.home() / ".cache" / "t5vh_fast"))
@@ -172,8 +161,9 @@ def default_cache_dir() -> Path:
 
 def demo_export(size: str, cache_dir: Path, *, log=lambda message: None) -> Path:
     """The demo model's export in ``cache_dir``, built (deterministically) on first use."""
+    from .errors import ExportError
     from .export import export
-    from .manifest import ExportError, read_manifest
+    from .manifest import read_manifest
 
     model_dir = cache_dir / f"demo-{size}"
     export_dir = cache_dir / f"demo-{size}-onnx"

@@ -1,33 +1,50 @@
-"""Checks and conversions of user input, shared by the reference and the runtime.
+"""Checks and conversions of user input, shared by the PyTorch reference and the runtime.
 
 NumPy only: the runtime imports this without torch. Every check raises
-``ValueError`` naming the bad value and what to do instead.
+``InputError`` (a ``ValueError``) naming the bad value and what to do instead.
+Options are checked once, up front, before any work.
 """
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Sequence
 
 import numpy as np
 
+from .errors import InputError
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
 
 def check_sampling_options(txt_len, top_k, top_p) -> None:
     """Validate ``respond_to_batch`` options once, before any work."""
-    if isinstance(txt_len, bool) or not isinstance(txt_len, (int, np.integer)) or txt_len <= 0:
-        raise ValueError(f"txt_len must be a positive integer, got {txt_len!r}")
-    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
-        raise ValueError(f"top_k must be an integer >= 0 (0 turns top-k off), got {top_k!r}")
-    if not isinstance(top_p, (int, float, np.floating)) or not (0.0 < float(top_p) <= 1.0):
-        raise ValueError(f"top_p must be in (0, 1] (1.0 turns top-p off), got {top_p!r}")
+    if not _is_int(txt_len) or txt_len <= 0:
+        raise InputError(f"txt_len must be a positive integer, got {txt_len!r}")
+    if not _is_int(top_k) or top_k < 0:
+        raise InputError(f"top_k must be an integer >= 0 (0 turns top-k off), got {top_k!r}")
+    if isinstance(top_p, (bool, np.bool_)) or not isinstance(top_p, numbers.Real) or not (0.0 < float(top_p) <= 1.0):
+        raise InputError(f"top_p must be in (0, 1] (1.0 turns top-p off), got {top_p!r}")
+
+
+def resolve_txt_len(txt_len, max_length, default: int = 20):
+    """``txt_len``, or its old name ``max_length``; both given must agree."""
+    if txt_len is not None and max_length is not None and txt_len != max_length:
+        raise InputError(f"txt_len={txt_len} and max_length={max_length} disagree: pass one of them")
+    if txt_len is None and max_length is None:
+        return default
+    return txt_len if txt_len is not None else max_length
 
 
 def pad_batch(sequences: Sequence[Sequence[int]], *, pad_id: int = 0):
     """Right-pad ragged token lists; returns ``(ids, attention_mask)`` as int64 arrays."""
     if len(sequences) == 0:
-        raise ValueError("empty batch: pass at least one sequence")
+        raise InputError("empty batch: pass at least one sequence")
     lengths = [len(s) for s in sequences]
     if min(lengths) == 0:
-        raise ValueError(f"sequence {lengths.index(0)} is empty: every row needs at least one token")
+        raise InputError(f"sequence {lengths.index(0)} is empty: every row needs at least one token")
     ids = np.full((len(sequences), max(lengths)), pad_id, dtype=np.int64)
     mask = np.zeros_like(ids)
     for row, seq in enumerate(sequences):
@@ -36,36 +53,41 @@ def pad_batch(sequences: Sequence[Sequence[int]], *, pad_id: int = 0):
     return ids, mask
 
 
-def as_token_batch(ids, attention_mask=None, *, vocab_size: int, name: str = "query_ids"):
+def as_token_batch(
+    ids, attention_mask=None, *, vocab_size: int, name: str = "query_ids", mask_name: str = "attention_mask"
+):
     """Return ``(ids, mask)`` as B x S int64 arrays, checking shape, mask and vocabulary."""
     if isinstance(ids, (list, tuple)):
         if len(ids) == 0:
-            raise ValueError(f"empty batch: {name} has no rows")
+            raise InputError(f"empty batch: {name} has no rows")
         if isinstance(ids[0], (list, tuple, np.ndarray)):
             lengths = {len(r) for r in ids}
             if len(lengths) > 1 and attention_mask is None:
-                raise ValueError(
-                    f"{name} rows have different lengths {sorted(lengths)} and no attention_mask: "
+                raise InputError(
+                    f"{name} rows have different lengths {sorted(lengths)} and no {mask_name}: "
                     "right-pad them with t5vh_fast.pad_batch(rows), which also returns the mask"
                 )
             if len(lengths) > 1:
-                raise ValueError(f"{name} rows have different lengths {sorted(lengths)}: pad them to one length")
-    arr = np.asarray(ids)
+                raise InputError(f"{name} rows have different lengths {sorted(lengths)}: pad them to one length")
+    try:
+        arr = np.asarray(ids)
+    except (ValueError, TypeError) as exc:
+        raise InputError(f"{name} must be a B x S matrix of token ids ({exc})") from None
     if arr.ndim == 1:
         arr = arr[None, :]
     if arr.ndim != 2:
-        raise ValueError(f"{name} must be a B x S matrix of token ids, got shape {arr.shape}")
+        raise InputError(f"{name} must be a B x S matrix of token ids, got shape {arr.shape}")
     if arr.shape[0] == 0:
-        raise ValueError(f"empty batch: {name} has no rows")
+        raise InputError(f"empty batch: {name} has no rows")
     if arr.shape[1] == 0:
-        raise ValueError(f"{name} has no tokens: every row needs at least one token")
+        raise InputError(f"{name} has no tokens: every row needs at least one token")
     if not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"{name} must hold integer token ids, got dtype {arr.dtype}")
+        raise InputError(f"{name} must hold integer token ids, got dtype {arr.dtype}")
     arr = arr.astype(np.int64, copy=False)
     bad = (arr < 0) | (arr >= vocab_size)
     if bad.any():
         row, col = map(int, np.argwhere(bad)[0])
-        raise ValueError(
+        raise InputError(
             f"{name}[{row}, {col}] = {int(arr[row, col])} is outside the vocabulary [0, {vocab_size}): "
             "was it tokenized with another model's tokenizer?"
         )
@@ -76,14 +98,24 @@ def as_token_batch(ids, attention_mask=None, *, vocab_size: int, name: str = "qu
         if mask.ndim == 1:
             mask = mask[None, :]
         if mask.shape != arr.shape:
-            raise ValueError(f"attention_mask has shape {mask.shape} but {name} has shape {arr.shape}: they must match")
+            raise InputError(f"{mask_name} has shape {mask.shape} but {name} has shape {arr.shape}: they must match")
         if not np.isin(mask, (0, 1)).all():
-            raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
+            raise InputError(f"{mask_name} must hold only 0 (padding) and 1 (token)")
         mask = mask.astype(np.int64)
         empty = np.flatnonzero(mask.sum(axis=1) == 0)
         if empty.size:
-            raise ValueError(f"row {int(empty[0])} of attention_mask is all zeros: every row needs at least one token")
+            raise InputError(f"row {int(empty[0])} of {mask_name} is all zeros: every row needs at least one token")
     return arr, mask
+
+
+def check_response_batch(responses, response_mask, *, queries: int, vocab_size: int):
+    """``(responses, response_mask)`` as B x T int64 arrays, one response per query."""
+    resp, resp_mask = as_token_batch(
+        responses, response_mask, vocab_size=vocab_size, name="response_ids", mask_name="response_mask"
+    )
+    if resp.shape[0] != queries:
+        raise InputError(f"{queries} queries but {resp.shape[0]} responses: one response per query")
+    return resp, resp_mask
 
 
 def check_uniforms(uniforms, batch: int, txt_len: int) -> Optional[np.ndarray]:
@@ -92,7 +124,13 @@ def check_uniforms(uniforms, batch: int, txt_len: int) -> Optional[np.ndarray]:
         return None
     u = np.asarray(uniforms, dtype=np.float64)
     if u.shape != (batch, txt_len):
-        raise ValueError(f"uniforms must have shape (batch, txt_len) = {(batch, txt_len)}, got {u.shape}")
+        raise InputError(f"uniforms must have shape (batch, txt_len) = {(batch, txt_len)}, got {u.shape}")
     if not ((u >= 0.0) & (u < 1.0)).all():
-        raise ValueError("uniforms must lie in [0, 1)")
+        raise InputError("uniforms must lie in [0, 1)")
     return u
+
+
+def check_seed(seed) -> None:
+    """``seed`` is None or an integer >= 0 (numpy's PCG64 takes no negative seeds)."""
+    if seed is not None and (not _is_int(seed) or seed < 0):
+        raise InputError(f"seed must be an integer >= 0 or None, got {seed!r}")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, TextIO
 
+from .errors import InputError
 from .inputs import pad_batch
 from .scoring import reward
 
@@ -65,11 +66,15 @@ def parse_row(line_no: int, raw, *, policy, max_tokens: int):
     for name, ids in (("query", query), ("response", response)):
         bad = [t for t in ids if not (0 <= t < policy.vocab_size)]
         if bad:
-            return BadRow(line_no, row_id, f"{name} token id {bad[0]} is outside the vocabulary [0, {policy.vocab_size})")
+            return BadRow(
+                line_no, row_id, f"{name} token id {bad[0]} is outside the vocabulary [0, {policy.vocab_size})"
+            )
     if len(query) + len(response) > max_tokens:
         return BadRow(line_no, row_id, f"too long: {len(query)} + {len(response)} tokens > --max-tokens {max_tokens}")
     score = raw.get("score")
-    if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score)):
+    if score is not None and (
+        isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score)
+    ):
         return BadRow(line_no, row_id, f"'score' must be a finite number, got {score!r}")
     return Row(line_no, row_id, query, response, None if score is None else float(score))
 
@@ -156,9 +161,9 @@ def _score_batch(policy, batch: list, ref_policy, beta: float) -> list:
 def _check_job_options(*, batch_size, max_tokens, sort_window, beta):
     for name, value in (("batch_size", batch_size), ("max_tokens", max_tokens), ("sort_window", sort_window)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            raise InputError(f"{name} must be a positive integer, got {value!r}")
     if not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta < 0:
-        raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
+        raise InputError(f"beta must be a finite number >= 0, got {beta!r}")
 
 
 # ---------------------------------------------------------------------- files and resume
@@ -244,7 +249,7 @@ def run_job(
 
     Ids already in the output are skipped; bad rows go to ``errors_path``
     (None = stderr) with their line number and reason. Output is flushed
-    after every batch. With ``fail_fast`` the first bad row raises ``ValueError``.
+    after every batch. With ``fail_fast`` the first bad row raises ``InputError``.
     """
     _check_job_options(batch_size=batch_size, max_tokens=max_tokens, sort_window=sort_window, beta=beta)
     summary = JobSummary()
@@ -277,7 +282,7 @@ def run_job(
             for row, record in batch:
                 if "error" in record:
                     if fail_fast:
-                        raise ValueError(f"line {record['line']}: {record['error']} (--fail-fast)")
+                        raise InputError(f"line {record['line']}: {record['error']} (--fail-fast)")
                     summary.rows_failed += 1
                     if record["line"] not in reported:
                         errors.write(json.dumps(record) + "\n")

@@ -4,25 +4,26 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Union
 
 import numpy as np
 
-from .inputs import as_token_batch, pad_batch
+from .decoder import OnnxDecoder, graph_files, open_decoder
+from .errors import PathNotFound
+from .inputs import as_token_batch, check_response_batch, pad_batch
 from .manifest import read_manifest
 from .results import Rollout, Scores
 from .rollout import respond
 from .scoring import score as _score
-from .session import Graphs, graph_files
 
 
 class OnnxPolicy:
-    """A T5 value-head policy exported by ``t5vh-export``, run by ONNX Runtime."""
+    """A T5 value-head policy exported by ``t5vh-export``, run by ONNX Runtime. Made by ``load``."""
 
-    def __init__(self, root: Path, manifest: dict, graphs: Graphs):
+    def __init__(self, root: Path, manifest: dict, decoder: OnnxDecoder):
         self.root = root
         self.manifest = manifest
-        self.graphs = graphs
+        self.decoder = decoder
         config = json.loads((root / "config.json").read_text())
         self.vocab_size = int(config["vocab_size"])
         self.decoder_start_token_id = int(config.get("decoder_start_token_id", 0) or 0)
@@ -33,7 +34,7 @@ class OnnxPolicy:
     @property
     def providers(self) -> List[str]:
         """The onnxruntime providers actually in use (CUDA only if it really started)."""
-        return self.graphs.providers
+        return self.decoder.providers
 
     @property
     def tokenizer(self):
@@ -41,7 +42,7 @@ class OnnxPolicy:
         if self._tokenizer is None:
             path = self.root / "tokenizer.json"
             if not path.is_file():
-                raise FileNotFoundError(f"{self.root} has no tokenizer.json: pass token ids instead of text")
+                raise PathNotFound(f"{self.root} has no tokenizer.json: pass token ids instead of text")
             from tokenizers import Tokenizer
 
             self._tokenizer = Tokenizer.from_file(str(path))
@@ -57,11 +58,31 @@ class OnnxPolicy:
         top_p: float = 1.0,
         seed: Optional[int] = None,
         uniforms=None,
+        callback: Optional[Callable[[int, np.ndarray], None]] = None,
     ) -> Rollout:
-        """Sample exactly ``txt_len`` tokens per query (B x S right-padded ids + mask)."""
+        """Sample exactly ``txt_len`` tokens per query with the plain sampler.
+
+        ``query_ids``: B x S right-padded token ids (use ``pad_batch`` for ragged
+        lists) and ``attention_mask`` B x S (1 = token, 0 = padding; all ones when
+        omitted). Each step filters the last position's logits with ``top_k``
+        (0 = off) then ``top_p`` (1.0 = off), draws one token by inverse CDF and
+        appends it; no early stop at EOS, no EOS masking, no padding.
+
+        Randomness: ``seed`` (an integer >= 0) makes
+        ``numpy.random.Generator(PCG64(seed))``, which draws one float64 uniform
+        per row per step, rows in order; ``uniforms`` (B x txt_len, in [0, 1))
+        replaces the generator. With the same uniforms the PyTorch reference
+        (``T5HeadWithValueModel.respond_to_batch``) picks the same tokens.
+        ``callback(t, tokens)`` is called after every step (for progress or timing).
+
+        Returns a ``Rollout``: ``tokens``, ``logprobs`` (unfiltered), ``values``
+        and, with filtering, ``sampling_logprobs``; all B x txt_len NumPy arrays.
+        Raises ``InputError`` (a ``ValueError``) for bad input and
+        ``NonFiniteError`` when the logits hold NaN or inf.
+        """
         ids, mask = as_token_batch(query_ids, attention_mask, vocab_size=self.vocab_size)
         return respond(
-            self.graphs,
+            self.decoder,
             ids,
             mask,
             decoder_start_token_id=self.decoder_start_token_id,
@@ -70,15 +91,22 @@ class OnnxPolicy:
             top_p=top_p,
             seed=seed,
             uniforms=uniforms,
+            callback=callback,
         )
 
     def score(self, query_ids, response_ids, attention_mask=None, response_mask=None) -> Scores:
-        """Teacher-forced log-probs, values and entropy of given responses."""
+        """Teacher-forced log-probs, values and entropy of given responses.
+
+        ``query_ids``/``attention_mask`` as in ``respond_to_batch``;
+        ``response_ids`` B x T right-padded, ``response_mask`` B x T (all ones
+        when omitted). Returns ``Scores`` (B x T NumPy arrays, 0 where masked).
+        On tokens a rollout sampled, the numbers equal the rollout's.
+        """
         ids, mask = as_token_batch(query_ids, attention_mask, vocab_size=self.vocab_size)
-        resp, resp_mask = as_token_batch(response_ids, response_mask, vocab_size=self.vocab_size, name="response_ids")
-        if resp.shape[0] != ids.shape[0]:
-            raise ValueError(f"{ids.shape[0]} queries but {resp.shape[0]} responses: one response per query")
-        return _score(self.graphs, ids, mask, resp, resp_mask, decoder_start_token_id=self.decoder_start_token_id)
+        resp, resp_mask = check_response_batch(
+            response_ids, response_mask, queries=ids.shape[0], vocab_size=self.vocab_size
+        )
+        return _score(self.decoder, ids, mask, resp, resp_mask, decoder_start_token_id=self.decoder_start_token_id)
 
     # ------------------------------------------------------------------ text
 
@@ -91,7 +119,7 @@ class OnnxPolicy:
     def decode_text(self, token_ids) -> List[str]:
         """Detokenize rows, skipping special tokens and ids the tokenizer does not have."""
         size = self.tokenizer.get_vocab_size()
-        return [self.tokenizer.decode([int(t) for t in row if t < size]) for row in np.asarray(token_ids)]
+        return [self.tokenizer.decode([int(t) for t in row if 0 <= t < size]) for row in np.asarray(token_ids)]
 
     def respond_to_text(self, texts: Sequence[str], **options) -> List[str]:
         """Text in, text out: ``respond_to_batch`` on the tokenized texts, decoded."""
@@ -110,11 +138,13 @@ def load(
     """Load an export made by ``t5vh-export``.
 
     ``providers``: ``"auto"`` (CUDA when it really works, else CPU), ``"cpu"``,
-    ``"cuda"``, ``"tensorrt"`` or an onnxruntime provider list. ``decoder``:
+    ``"cuda"``, ``"tensorrt"`` or an onnxruntime provider list. ``threads``:
+    intra-op threads per session (default: all cores). ``decoder``:
     ``"split"`` (two decoder graphs) or ``"merged"`` (one graph, less memory).
     The manifest is checked first: format version and the sha256 of every
-    graph (``verify=False`` skips the hashes, not the version).
+    graph (``verify=False`` skips the hashes, not the version). Raises
+    ``PathNotFound`` or ``ExportError`` naming what is wrong.
     """
     root = Path(export_dir).expanduser()
     manifest = read_manifest(root, verify_hashes=verify, only=graph_files(decoder))
-    return OnnxPolicy(root, manifest, Graphs(root, providers=providers, threads=threads, decoder=decoder))
+    return OnnxPolicy(root, manifest, open_decoder(root, decoder, providers=providers, threads=threads))

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
-from .inputs import check_sampling_options, check_uniforms
+from .decoder import OnnxDecoder
+from .inputs import check_sampling_options, check_seed, check_uniforms
 from .results import Rollout
 from .sampling import check_finite, draw, exp_weights, filter_logits, token_logprobs
-from .session import Graphs
 
 
 def respond(
-    graphs: Graphs,
+    decoder: OnnxDecoder,
     ids: np.ndarray,
     mask: np.ndarray,
     *,
@@ -23,13 +23,16 @@ def respond(
     top_p: float = 1.0,
     seed: Optional[int] = None,
     uniforms=None,
+    callback: Optional[Callable[[int, np.ndarray], None]] = None,
 ) -> Rollout:
-    """Sample exactly ``txt_len`` tokens per row (DESIGN.md §2 and the RNG contract of §4).
+    """Sample exactly ``txt_len`` tokens per row (the contract is in ``docs/contract.md``).
 
     ``ids``/``mask`` are checked B x S int64 arrays. The decoder runs exactly
     ``txt_len`` times: the last token is drawn from the last call's logits.
+    ``callback(t, tokens)`` is called after step ``t`` with that step's B tokens.
     """
     check_sampling_options(txt_len, top_k, top_p)
+    check_seed(seed)
     batch = ids.shape[0]
     u = check_uniforms(uniforms, batch, txt_len)
     rng = np.random.Generator(np.random.PCG64(seed)) if u is None else None
@@ -40,10 +43,10 @@ def respond(
     values = np.empty((batch, txt_len), dtype=np.float32)
     sampling_logprobs = np.empty((batch, txt_len), dtype=np.float32) if filtering else None
 
-    state = graphs.encode(ids, mask)
+    state = decoder.encode(ids, mask)
     step_input = np.full((batch, 1), decoder_start_token_id, dtype=np.int64)
     for t in range(txt_len):
-        logits, value, state = graphs.decode(state, step_input)
+        logits, value, state = decoder.step(state, step_input)
         logits = logits[:, -1]
         weights, block_sums, lse = exp_weights(logits)
         check_finite(lse, t)
@@ -59,6 +62,8 @@ def respond(
         logprobs[:, t] = token_logprobs(logits, token, lse)
         values[:, t] = value[:, -1]
         step_input = token[:, None]
+        if callback is not None:
+            callback(t, token)
     return Rollout(
         tokens=tokens, logprobs=logprobs, values=values, attention_mask=mask, sampling_logprobs=sampling_logprobs
     )

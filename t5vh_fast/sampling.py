@@ -1,7 +1,8 @@
 """Sampling math in pure NumPy: filtering, log-softmax, the inverse-CDF draw.
 
-Mirrors the torch functions in ``t5vh_fast.modeling`` (``filter_logits``,
-``draw``, ``token_logprobs``); tests hold both to transformers' warpers.
+Mirrors the torch functions in ``t5vh_fast.reference`` (``filter_logits``,
+``draw``, ``token_logprobs``, ``check_finite``: same signatures, same messages);
+tests hold both to transformers' warpers.
 Per step this is a few float32 passes over B x V; only the cumulative sum the
 RNG contract needs is float64.
 """
@@ -9,6 +10,8 @@ RNG contract needs is float64.
 from __future__ import annotations
 
 import numpy as np
+
+from .errors import NonFiniteError
 
 
 def filter_logits(logits: np.ndarray, *, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
@@ -117,7 +120,7 @@ def check_finite(lse: np.ndarray, step: int) -> None:
     """A NaN or +inf anywhere in a row makes its log-sum-exp non-finite: fail loudly."""
     bad = np.flatnonzero(~np.isfinite(lse))
     if bad.size:
-        raise FloatingPointError(
+        raise NonFiniteError(
             f"non-finite logits (NaN or inf) at step {step}, row {int(bad[0])}: "
             "the model or its export is broken (fp16 overflow?); refusing to sample garbage"
         )

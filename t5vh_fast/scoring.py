@@ -6,18 +6,19 @@ import warnings
 
 import numpy as np
 
+from .decoder import OnnxDecoder
+from .errors import InputError
 from .results import Scores
 from .sampling import exp_weights
-from .session import Graphs
 
 
-def score(graphs: Graphs, ids, mask, responses, response_mask, *, decoder_start_token_id: int) -> Scores:
+def score(decoder: OnnxDecoder, ids, mask, responses, response_mask, *, decoder_start_token_id: int) -> Scores:
     """Score checked B x T ``responses`` for checked B x S queries: one encoder and one decoder call."""
     decoder_ids = np.concatenate(
         [np.full((responses.shape[0], 1), decoder_start_token_id, dtype=np.int64), responses[:, :-1]], axis=1
     )
-    state = graphs.encode(ids, mask)
-    logits, values, _ = graphs.decode(state, decoder_ids)
+    state = decoder.encode(ids, mask)
+    logits, values, _ = decoder.step(state, decoder_ids)
     batch, length, vocab = logits.shape
     flat = logits.reshape(batch * length, vocab)
     weights, block_sums, lse = exp_weights(flat)  # weights = exp(logits - max): one exp pass for both
@@ -40,7 +41,7 @@ def kl(scores: Scores, ref_scores: Scores) -> np.ndarray:
     generate() quirks showed up.
     """
     if np.shape(scores.logprobs) != np.shape(ref_scores.logprobs):
-        raise ValueError(
+        raise InputError(
             f"scores {np.shape(scores.logprobs)} and ref_scores {np.shape(ref_scores.logprobs)} differ in shape: "
             "score the same responses with both models"
         )

@@ -27,7 +27,7 @@ def tiny_export(tiny_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def reference(tiny_dir):
-    from t5vh_fast.modeling import load_reference
+    from t5vh_fast.checkpoint import load_reference
 
     return load_reference(tiny_dir)
 

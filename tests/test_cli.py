@@ -18,7 +18,9 @@ def test_demo_model_is_the_same_every_time(tmp_path):
     for name in ("model.safetensors", "tokenizer.json", "config.json"):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
     other = build_model("tiny", seed=6)
-    assert not np.array_equal(build_model("tiny", seed=5).shared.weight.detach().numpy(), other.shared.weight.detach().numpy())
+    assert not np.array_equal(
+        build_model("tiny", seed=5).shared.weight.detach().numpy(), other.shared.weight.detach().numpy()
+    )
     with pytest.raises(FileExistsError, match="--force"):
         write_demo(tmp_path / "a", size="tiny")
 
@@ -27,8 +29,20 @@ def test_small_demo_is_t5_small_shaped():
     from t5vh_fast.demo import build_config
 
     config = build_config("small")
-    assert (config.d_model, config.d_ff, config.num_layers, config.num_decoder_layers, config.num_heads, config.vocab_size) == (
-        512, 2048, 6, 6, 8, 32128,
+    assert (
+        config.d_model,
+        config.d_ff,
+        config.num_layers,
+        config.num_decoder_layers,
+        config.num_heads,
+        config.vocab_size,
+    ) == (
+        512,
+        2048,
+        6,
+        6,
+        8,
+        32128,
     )
 
 
@@ -37,14 +51,30 @@ def test_demo_write_and_run(tmp_path):
     result = runner.invoke(demo_command, ["write", str(tmp_path / "m"), "--size", "tiny"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "m" / "model.safetensors").is_file()
-    result = runner.invoke(demo_command, ["run", "--size", "tiny", "--cache-dir", str(tmp_path / "cache"), "--txt-len", "8"])
+    result = runner.invoke(
+        demo_command, ["run", "--size", "tiny", "--cache-dir", str(tmp_path / "cache"), "--txt-len", "8"]
+    )
     assert result.exit_code == 0, result.output
     assert "tokens identical 100.0%" in result.output and "tok/s" in result.output
 
 
 def test_sample_command(tiny_export):
     runner = CliRunner()
-    args = [str(tiny_export), "paraphrase: Which course should I take?", "How do I cook rice?", "-n", "3", "--top-k", "50", "--top-p", "0.95", "--seed", "0", "--providers", "cpu"]
+    args = [
+        str(tiny_export),
+        "paraphrase: Which course should I take?",
+        "How do I cook rice?",
+        "-n",
+        "3",
+        "--top-k",
+        "50",
+        "--top-p",
+        "0.95",
+        "--seed",
+        "0",
+        "--providers",
+        "cpu",
+    ]
     result = runner.invoke(sample_command, args)
     assert result.exit_code == 0, result.output
     assert result.output.count("  0: ") == 2 and result.output.count("  2: ") == 2
@@ -79,13 +109,25 @@ def test_bench_quick_writes_json_and_png(tmp_path):
     json_path, png_path = tmp_path / "bench.json", tmp_path / "bench.png"
     result = CliRunner().invoke(
         bench_command,
-        ["--quick", "--size", "tiny", "--cache-dir", str(tmp_path / "cache"), "--json", str(json_path), "--plot", str(png_path), "--cap", "120"],
+        [
+            "--quick",
+            "--size",
+            "tiny",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--json",
+            str(json_path),
+            "--plot",
+            str(png_path),
+            "--cap",
+            "120",
+        ],
     )
     assert result.exit_code == 0, result.output
     report = json.loads(json_path.read_text())
     assert {"machine", "workload", "results", "parity", "floor"} <= set(report)
     measured = {(r["system"], r["batch"]) for r in report["results"] if "error" not in r}
-    assert {("t5vh", 1), ("t5vh", 4), ("torch", 1), ("seed", 4)} <= measured
+    assert {("t5vh", 1), ("t5vh", 4), ("torch", 1), ("torch-nocache", 4)} <= measured
     for r in report["results"]:
         if "error" not in r:
             assert r["tokens_per_s"] > 0 and r["peak_rss_mb"] > 0 and r["step_ms_p50"] > 0

@@ -10,12 +10,13 @@ import torch
 from click.testing import CliRunner
 
 import t5vh_fast
+from t5vh_fast._files import sha256_file
+from t5vh_fast.checkpoint import load_reference
 from t5vh_fast.cli import export_command
 from t5vh_fast.demo import build_model, write_demo
 from t5vh_fast.export import ExportParityError, check_export, export
 from t5vh_fast.export import convert as convert_module
-from t5vh_fast.manifest import MANIFEST_NAME, sha256_file
-from t5vh_fast.modeling import load_reference
+from t5vh_fast.manifest import MANIFEST_NAME
 
 GRAPHS = ["encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx", "decoder_model_merged.onnx"]
 
@@ -26,7 +27,7 @@ def _leftovers(parent, name):
 
 
 @pytest.mark.parametrize("family", ["t5", "t5-v1_1", "mt5"])
-@pytest.mark.parametrize("layout", ["seed", "trl"])
+@pytest.mark.parametrize("layout", ["logits", "hidden"])
 def test_export_each_family_and_layout(tmp_path, family, layout):
     model_dir = write_demo(tmp_path / "m", size="tiny", family=family, head_layout=layout)
     out = export(model_dir)
@@ -72,7 +73,9 @@ def test_optimum_loads_the_export_and_greedy_tokens_match(tiny_export, reference
     ort_model = ORTModelForSeq2SeqLM.from_pretrained(tiny_export)
     ids = torch.tensor([[5, 6, 7, 8, 1], [9, 10, 1, 0, 0]])
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
-    kwargs = dict(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=12, min_new_tokens=12, num_beams=1)
+    kwargs = dict(
+        input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=12, min_new_tokens=12, num_beams=1
+    )
     ours = ort_model.generate(**kwargs)
     theirs = reference.generate(**kwargs)
     assert torch.equal(ours, theirs)
@@ -156,7 +159,7 @@ def test_cli_help_has_a_runnable_example_and_cli_exports(tmp_path, tiny_dir):
     result = runner.invoke(export_command, [str(tiny_dir), "-o", str(tmp_path / "x")])
     assert result.exit_code == 0, result.output
     assert "exporting decoder_model.onnx" in result.output and "logits" in result.output
-    assert t5vh_fast.load(tmp_path / "x", providers="cpu").manifest["head_layout"] == "seed"
+    assert t5vh_fast.load(tmp_path / "x", providers="cpu").manifest["head_layout"] == "logits"
 
 
 @pytest.mark.slow

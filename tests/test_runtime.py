@@ -13,10 +13,11 @@ import torch
 from scipy import stats
 
 import t5vh_fast
+from t5vh_fast import providers as providers_module
 from t5vh_fast import rollout as rollout_module
-from t5vh_fast import session as session_module
-from t5vh_fast.manifest import MANIFEST_NAME, ExportError
-from t5vh_fast.modeling import filter_logits as torch_filter
+from t5vh_fast.errors import ExportError
+from t5vh_fast.manifest import MANIFEST_NAME
+from t5vh_fast.reference import filter_logits as torch_filter
 
 from .conftest import assert_pad_invariant, mixed_queries, tol
 
@@ -39,7 +40,8 @@ def test_token_parity_with_pytorch_on_shared_uniforms(policy, reference, top_k, 
     same = np.cumprod(ours.tokens == ref_tokens, axis=1).astype(bool)
     with torch.no_grad():
         logits = reference(
-            input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+            input_ids=torch.from_numpy(ids),
+            attention_mask=torch.from_numpy(mask),
             decoder_input_ids=reference._shift_right(ref.tokens),
         ).logits.numpy()
     assert np.abs(ours.logprobs - ref.logprobs.numpy())[same].max() <= tol(logits)
@@ -102,10 +104,15 @@ def test_sampled_tokens_follow_the_reference_distribution(tiny_export, reference
 def test_exact_length_and_sampling_after_eos(policy, reference):
     ids, mask = mixed_queries(16, 256, seed=12)
     with torch.no_grad():
-        logits = reference(
-            input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-            decoder_input_ids=torch.zeros(16, 1, dtype=torch.long),
-        ).logits[:, 0].double()
+        logits = (
+            reference(
+                input_ids=torch.from_numpy(ids),
+                attention_mask=torch.from_numpy(mask),
+                decoder_input_ids=torch.zeros(16, 1, dtype=torch.long),
+            )
+            .logits[:, 0]
+            .double()
+        )
     probs = torch.softmax(logits, -1)
     u = np.random.default_rng(12).random((16, 12))
     u[:, 0] = (probs.cumsum(-1)[:, EOS] - probs[:, EOS] / 2).numpy()  # pick EOS at step 0, as the model allows
@@ -128,7 +135,8 @@ def test_rollout_equals_score_on_the_same_tokens(policy, reference, top_k, top_p
     scores = policy.score(ids, rollout.tokens, mask)
     with torch.no_grad():  # DESIGN.md §5: log-prob tolerance scales with the logits' max
         logits = reference(
-            input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+            input_ids=torch.from_numpy(ids),
+            attention_mask=torch.from_numpy(mask),
             decoder_input_ids=reference._shift_right(torch.from_numpy(rollout.tokens)),
         ).logits.numpy()
     np.testing.assert_allclose(scores.logprobs, rollout.logprobs, atol=tol(logits))
@@ -188,13 +196,13 @@ def test_bad_input(policy):
 
 
 def test_nan_logits_are_an_error_naming_step_and_row(monkeypatch):
-    class NaNGraphs:
+    class NaNDecoder:
         def encode(self, ids, mask):
             return None
 
-        def decode(self, state, tokens):
-            step = getattr(self, "step", 0)
-            self.step = step + 1
+        def step(self, state, tokens):
+            step = getattr(self, "calls", 0)
+            self.calls = step + 1
             logits = np.zeros((3, 1, 8), dtype=np.float32)
             if step == 2:
                 logits[1, 0, 4] = np.nan
@@ -202,7 +210,7 @@ def test_nan_logits_are_an_error_naming_step_and_row(monkeypatch):
 
     ids = np.ones((3, 2), dtype=np.int64)
     with pytest.raises(FloatingPointError, match="step 2, row 1"):
-        rollout_module.respond(NaNGraphs(), ids, np.ones_like(ids), decoder_start_token_id=0, txt_len=5, seed=0)
+        rollout_module.respond(NaNDecoder(), ids, np.ones_like(ids), decoder_start_token_id=0, txt_len=5, seed=0)
 
 
 def test_not_an_export_and_tampered_exports(tmp_path, tiny_export, tiny_dir):
@@ -234,43 +242,43 @@ def test_not_an_export_and_tampered_exports(tmp_path, tiny_export, tiny_dir):
 
 
 def test_provider_choice(monkeypatch):
-    cpu, cuda, trt = session_module.CPU, session_module.CUDA, session_module.TENSORRT
-    monkeypatch.setattr(session_module.ort, "get_available_providers", lambda: [trt, cuda, cpu])
-    monkeypatch.setattr(session_module, "cuda_device_present", lambda: False)
-    assert session_module.resolve_providers("auto") == [cpu]
-    assert session_module.resolve_providers("cpu") == [cpu]
-    assert session_module.resolve_providers("cuda") == [cuda, cpu]
-    assert session_module.resolve_providers("tensorrt") == [trt, cuda, cpu]
-    assert session_module.resolve_providers([cpu]) == [cpu]
-    monkeypatch.setattr(session_module, "cuda_device_present", lambda: True)
-    assert session_module.resolve_providers("auto") == [cuda, cpu]
-    monkeypatch.setattr(session_module.ort, "get_available_providers", lambda: [cpu])
-    assert session_module.resolve_providers("auto") == [cpu]
+    cpu, cuda, trt = providers_module.CPU, providers_module.CUDA, providers_module.TENSORRT
+    monkeypatch.setattr(providers_module.ort, "get_available_providers", lambda: [trt, cuda, cpu])
+    monkeypatch.setattr(providers_module, "cuda_device_present", lambda: False)
+    assert providers_module.resolve_providers("auto") == [cpu]
+    assert providers_module.resolve_providers("cpu") == [cpu]
+    assert providers_module.resolve_providers("cuda") == [cuda, cpu]
+    assert providers_module.resolve_providers("tensorrt") == [trt, cuda, cpu]
+    assert providers_module.resolve_providers([cpu]) == [cpu]
+    monkeypatch.setattr(providers_module, "cuda_device_present", lambda: True)
+    assert providers_module.resolve_providers("auto") == [cuda, cpu]
+    monkeypatch.setattr(providers_module.ort, "get_available_providers", lambda: [cpu])
+    assert providers_module.resolve_providers("auto") == [cpu]
     with pytest.raises(ValueError, match="needs CUDAExecutionProvider.*providers='cpu'"):
-        session_module.resolve_providers("cuda")
+        providers_module.resolve_providers("cuda")
     with pytest.raises(ValueError, match="not available"):
-        session_module.resolve_providers(["MadeUpExecutionProvider"])
+        providers_module.resolve_providers(["MadeUpExecutionProvider"])
     with pytest.raises(ValueError, match="not one of"):
-        session_module.resolve_providers("gpu-please")
+        providers_module.resolve_providers("gpu-please")
 
 
-@pytest.mark.skipif(session_module.cuda_device_present(), reason="needs a machine without a GPU")
+@pytest.mark.skipif(providers_module.cuda_device_present(), reason="needs a machine without a GPU")
 def test_cuda_fallback_is_detected(tiny_export, monkeypatch):
     """onnxruntime-gpu lists CUDA here but silently falls back to CPU: 'cuda' fails loudly, 'auto' uses CPU."""
-    if session_module.CUDA not in session_module.ort.get_available_providers():
+    if providers_module.CUDA not in providers_module.ort.get_available_providers():
         pytest.skip("this onnxruntime has no CUDA provider")
     with pytest.raises(RuntimeError, match="did not start"):
         t5vh_fast.load(tiny_export, providers="cuda")
-    monkeypatch.setattr(session_module, "cuda_device_present", lambda: True)  # the driver probe lies
+    monkeypatch.setattr(providers_module, "cuda_device_present", lambda: True)  # the driver probe lies
     policy = t5vh_fast.load(tiny_export, providers="auto")
-    assert policy.providers == [session_module.CPU]
+    assert policy.providers == [providers_module.CPU]
     assert policy.respond_to_batch([[5, 6, 1]], txt_len=3, seed=0).tokens.shape == (1, 3)
 
 
-@pytest.mark.skipif(not session_module.cuda_device_present(), reason="needs a GPU")
+@pytest.mark.skipif(not providers_module.cuda_device_present(), reason="needs a GPU")
 def test_cuda_parity(tiny_export, reference):
     policy = t5vh_fast.load(tiny_export, providers="cuda")
-    assert policy.providers[0] == session_module.CUDA
+    assert policy.providers[0] == providers_module.CUDA
     ids, mask = mixed_queries(256, 256, seed=20, max_len=20)
     u = np.random.default_rng(21).random((256, 16))
     ours = policy.respond_to_batch(ids, mask, txt_len=16, uniforms=u)

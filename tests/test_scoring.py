@@ -21,7 +21,6 @@ from t5vh_fast.results import Scores
 
 from .conftest import mixed_queries, tol
 
-
 # ---------------------------------------------------------------------- score()
 
 
@@ -34,7 +33,8 @@ def test_score_matches_pytorch(policy, reference):
     ref = reference.score(ids, responses, mask, resp_mask)
     with torch.no_grad():
         logits = reference(
-            input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+            input_ids=torch.from_numpy(ids),
+            attention_mask=torch.from_numpy(mask),
             decoder_input_ids=reference._shift_right(torch.from_numpy(responses)),
         ).logits.numpy()
     assert np.abs(ours.logprobs - ref.logprobs.numpy()).max() <= tol(logits)
@@ -66,8 +66,8 @@ def test_kl_to_itself_is_zero_and_reward_formula(policy):
 
 def test_kl_against_a_perturbed_reference_is_nonnegative_on_policy_samples(tiny_dir, tmp_path):
     """E_{x~p}[log p - log q] = KL(p||q) >= 0: sampled from the policy, the mean must not go negative."""
+    from t5vh_fast.checkpoint import load_reference
     from t5vh_fast.export import export
-    from t5vh_fast.modeling import load_reference
 
     model = load_reference(tiny_dir)
     with torch.no_grad():
@@ -90,7 +90,12 @@ def test_kl_against_a_perturbed_reference_is_nonnegative_on_policy_samples(tiny_
 
 def _rows(policy):
     good = [
-        {"id": "t1", "query": "paraphrase: Which course should I take?", "response": "What course is best?", "score": 1.5},
+        {
+            "id": "t1",
+            "query": "paraphrase: Which course should I take?",
+            "response": "What course is best?",
+            "score": 1.5,
+        },
         {"id": 2, "query_ids": [5, 6, 7, 1], "response_ids": [8, 9, 1, 4]},
         {"id": "t3", "query": "How do I cook rice?", "response_ids": [10, 11]},
     ] + [{"id": f"g{i}", "query_ids": [5 + i, 6, 1], "response_ids": list(range(3, 4 + i % 7))} for i in range(20)]
@@ -115,7 +120,20 @@ def test_job_scores_good_rows_once_and_reports_bad_rows(tmp_path, tiny_export, p
     out, errs = tmp_path / "out.jsonl", tmp_path / "errors.jsonl"
     result = CliRunner().invoke(
         score_command,
-        [str(tiny_export), str(src), "-o", str(out), "--errors", str(errs), "--ref", str(tiny_export), "--batch-size", "4", "--providers", "cpu"],
+        [
+            str(tiny_export),
+            str(src),
+            "-o",
+            str(out),
+            "--errors",
+            str(errs),
+            "--ref",
+            str(tiny_export),
+            "--batch-size",
+            "4",
+            "--providers",
+            "cpu",
+        ],
     )
     assert result.exit_code == 0, result.output
     assert f"{len(good)} rows scored, {len(bad)} failed" in result.output
@@ -141,7 +159,9 @@ def test_job_exits_non_zero_when_every_row_fails_or_fail_fast(tmp_path, tiny_exp
     result = CliRunner().invoke(score_command, [str(tiny_export), str(src), "-o", str(tmp_path / "o.jsonl")])
     assert result.exit_code == 1 and "every row failed" in result.output
     src.write_text(json.dumps({"id": 1, "query_ids": [5, 1], "response_ids": [3]}) + "\n{broken\n")
-    result = CliRunner().invoke(score_command, [str(tiny_export), str(src), "-o", str(tmp_path / "o2.jsonl"), "--fail-fast"])
+    result = CliRunner().invoke(
+        score_command, [str(tiny_export), str(src), "-o", str(tmp_path / "o2.jsonl"), "--fail-fast"]
+    )
     assert result.exit_code == 1 and "line 2: invalid JSON" in result.output
 
 
@@ -157,7 +177,22 @@ def test_job_resumes_after_kill_and_repairs_a_torn_line(tmp_path, tiny_export):
     src = tmp_path / "in.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out.jsonl"
-    cmd = [sys.executable, "-m", "t5vh_fast.cli_main", "t5vh-score", str(tiny_export), str(src), "-o", str(out), "--batch-size", "4", "--sort-window", "2", "--providers", "cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "t5vh_fast",
+        "score",
+        str(tiny_export),
+        str(src),
+        "-o",
+        str(out),
+        "--batch-size",
+        "4",
+        "--sort-window",
+        "2",
+        "--providers",
+        "cpu",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline and (not out.exists() or out.stat().st_size < 20_000):

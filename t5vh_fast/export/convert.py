@@ -16,26 +16,23 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..demo import replace_dir
-from ..manifest import (
-    DECODER,
-    DECODER_MERGED,
-    DECODER_WITH_PAST,
-    ENCODER,
-    FORMAT_VERSION,
-    MANIFEST_NAME,
-    sha256_file,
-    write_json_atomic,
-)
-from ..modeling import load_reference
+from .._files import replace_dir, sha256_file, write_json_atomic
+from ..checkpoint import load_reference
+from ..errors import NonFiniteError, OutputError, ParityError, PathExists, PathNotFound
+from ..manifest import DECODER, DECODER_MERGED, DECODER_WITH_PAST, ENCODER, FORMAT_VERSION, MANIFEST_NAME
 from .check import TOLERANCE, check_export, format_report
 from .optimize import fold_lm_head_scale
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model", "added_tokens.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "spiece.model",
+    "added_tokens.json",
+)
 
 
-class ExportParityError(RuntimeError):
-    """The exported graphs do not match the PyTorch model within tolerance."""
+ExportParityError = ParityError  # the name this error had before t5vh_fast.errors existed
 
 
 def default_output_dir(model_dir) -> Path:
@@ -61,15 +58,16 @@ def export(
     """
     out = Path(output_dir).expanduser() if output_dir is not None else default_output_dir(model_dir)
     if out.exists() and not force:
-        raise FileExistsError(f"{out} already exists: pass --force (force=True) to replace it")
+        raise PathExists(f"{out} already exists: pass --force (force=True) to replace it")
     if out.parent.exists() and not out.parent.is_dir():
-        raise NotADirectoryError(f"cannot write {out}: {out.parent} is a file, not a directory")
+        raise PathNotFound(f"cannot write {out}: {out.parent} is a file, not a directory")
     model = load_reference(model_dir, strict=strict, allow_pickle=allow_pickle)
+    check_finite_weights(model)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial.", dir=out.parent))
     except OSError as exc:
-        raise PermissionError(f"cannot write the export at {out}: {exc.strerror}") from None
+        raise OutputError(f"cannot write the export at {out}: {exc.strerror}") from None
     try:
         files = _export_graphs(model, tmp, merged=merged, opset=opset, log=log)
         _save_side_files(model, Path(model_dir).expanduser(), tmp)
@@ -105,6 +103,19 @@ def export(
     return out
 
 
+def check_finite_weights(model) -> None:
+    """Refuse a model with a NaN or inf weight: its export would report nonsense."""
+    import torch
+
+    for name, param in model.state_dict().items():
+        if param.is_floating_point() and not torch.isfinite(param).all():
+            count = int((~torch.isfinite(param)).sum())
+            raise NonFiniteError(
+                f"weight {name} holds {count} NaN or inf value(s): the checkpoint is broken; "
+                "fix or retrain it before exporting"
+            )
+
+
 def _export_graphs(model, tmp: Path, *, merged: bool, opset: Optional[int], log) -> dict:
     """Write the encoder and both decoder graphs (and the merged decoder); returns {file: True, "_opset": n}."""
     from optimum.exporters.onnx.convert import export_models
@@ -115,7 +126,11 @@ def _export_graphs(model, tmp: Path, *, merged: bool, opset: Optional[int], log)
     onnx_config = T5ValueHeadOnnxConfig(model.config, task=TASK, use_past=True)
     opset = opset or onnx_config.DEFAULT_ONNX_OPSET
     # Optimum's patcher sets config.use_cache on every submodule and leaves it set: put it back after.
-    saved = {id(m.config): (m.config, m.config.use_cache) for m in model.modules() if hasattr(getattr(m, "config", None), "use_cache")}
+    saved = {
+        id(m.config): (m.config, m.config.use_cache)
+        for m in model.modules()
+        if hasattr(getattr(m, "config", None), "use_cache")
+    }
     files = {}
     try:
         for name, model_and_config in get_encoder_decoder_models_for_export(model, onnx_config).items():
@@ -160,12 +175,23 @@ def _save_side_files(model, model_dir: Path, tmp: Path) -> None:
 
             AutoTokenizer.from_pretrained(model_dir, use_fast=True).save_pretrained(tmp)
         except Exception as exc:  # the export is still usable with token ids
-            warnings.warn(f"could not write tokenizer.json ({exc}); the export will accept token ids only")
+            warnings.warn(
+                f"could not write tokenizer.json ({exc}); the export will accept token ids only", stacklevel=2
+            )
 
 
 def library_versions() -> dict:
     versions = {}
-    for name in ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime-gpu", "onnxruntime", "t5vh_fast"):
+    for name in (
+        "torch",
+        "transformers",
+        "optimum",
+        "optimum-onnx",
+        "onnx",
+        "onnxruntime-gpu",
+        "onnxruntime",
+        "t5vh_fast",
+    ):
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

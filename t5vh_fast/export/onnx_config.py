@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from optimum.exporters.onnx.model_configs import T5OnnxConfig
 from optimum.exporters.onnx.base import ConfigBehavior
+from optimum.exporters.onnx.model_configs import T5OnnxConfig
 
 # Optimum's task for a seq2seq LM; with use_past=True it exports the decoder with
 # and without past. (The "-with-past" task name raises a KeyError in `outputs`.)

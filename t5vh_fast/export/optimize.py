@@ -44,7 +44,9 @@ def fold_lm_head_scale(path: Path) -> bool:
     if scale is None:
         return False
     weight = initializers[matmul.input[1]]
-    folded = numpy_helper.from_array((numpy_helper.to_array(weight) * np.float32(scale)).astype(np.float32), weight.name)
+    folded = numpy_helper.from_array(
+        (numpy_helper.to_array(weight) * np.float32(scale)).astype(np.float32), weight.name
+    )
     weight.CopyFrom(folded)
     matmul.input[0] = hidden
     graph.node.remove(mul)

@@ -1,0 +1,190 @@
+"""The PyTorch reference sampler and scorer: the oracle the ONNX runtime is held to.
+
+``respond`` is the plain sampler (see ``docs/contract.md``): exactly
+``txt_len`` tokens, never stopping at or masking EOS, one inverse-CDF draw per
+row per step. The torch sampling math here is written independently of the
+NumPy copy in ``t5vh_fast.sampling`` (same signatures, same messages) so that
+the tests compare two implementations, not one with itself.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .errors import NonFiniteError
+from .inputs import as_token_batch, check_response_batch, check_sampling_options, check_uniforms, resolve_txt_len
+from .results import Rollout, Scores
+
+# ---------------------------------------------------------------------- sampling math (torch)
+
+
+def filter_logits(logits: torch.Tensor, *, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Top-k then top-p, with transformers' TopK/TopPLogitsWarper semantics (one token always kept)."""
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, -float("inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=False)
+        remove = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
+        remove[..., -1] = False
+        logits = logits.masked_fill(remove.scatter(-1, order, remove), -float("inf"))
+    return logits
+
+
+def draw(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The RNG contract: the first index whose float64 cumulative probability of the
+    renormalised distribution exceeds ``u`` (one uniform per row)."""
+    weights = torch.exp(logits - logits.max(dim=-1, keepdim=True).values)
+    cdf = torch.cumsum(weights, dim=-1, dtype=torch.float64)
+    token = (cdf <= u[:, None] * cdf[:, -1:]).sum(dim=-1)
+    overflow = token >= logits.shape[-1]
+    if overflow.any():  # u * total rounded up to total: take the last token with mass
+        token[overflow] = cdf[overflow].argmax(dim=-1)
+    return token
+
+
+def logsumexp(logits: torch.Tensor) -> torch.Tensor:
+    """Row-wise log-sum-exp."""
+    return torch.logsumexp(logits, dim=-1)
+
+
+def token_logprobs(logits: torch.Tensor, token: torch.Tensor, lse: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """log p(token) per row; pass ``lse`` (``logsumexp(logits)``) when it is already known."""
+    if lse is None:
+        lse = logsumexp(logits)
+    return logits.gather(-1, token[:, None]).squeeze(-1) - lse
+
+
+def check_finite(lse: torch.Tensor, step: int) -> None:
+    """A NaN or +inf anywhere in a row makes its log-sum-exp non-finite: fail loudly."""
+    bad = torch.nonzero(~torch.isfinite(lse))
+    if len(bad):
+        raise NonFiniteError(
+            f"non-finite logits (NaN or inf) at step {step}, row {int(bad[0])}: "
+            "the model or its export is broken (fp16 overflow?); refusing to sample garbage"
+        )
+
+
+# ---------------------------------------------------------------------- the sampler and the scorer
+
+
+@torch.no_grad()
+def respond(
+    model,
+    queries,
+    attention_mask=None,
+    *,
+    txt_len: Optional[int] = None,
+    max_length: Optional[int] = None,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    uniforms=None,
+    generator: Optional[torch.Generator] = None,
+    use_cache: bool = True,
+) -> Rollout:
+    """Sample exactly ``txt_len`` tokens per query with the plain sampler.
+
+    ``queries``: B x S right-padded token ids (tensor, array or nested lists),
+    ``attention_mask`` B x S (1 = token, 0 = padding; all ones when omitted).
+    Start from ``decoder_start_token_id``; each step filters the last
+    position's logits (top-k, then top-p; 0 and 1.0 turn them off), draws one
+    token by inverse CDF from ``uniforms[:, t]`` (B x txt_len float64 in [0, 1))
+    or from ``generator``, and appends it. Never stops at EOS, never masks EOS,
+    never pads. ``max_length`` is the old name of ``txt_len`` (default 20).
+    ``use_cache=False`` re-runs the whole model on the growing sequence every
+    step (the slow original loop, kept as a baseline).
+
+    Returns a ``Rollout`` of torch tensors: tokens, log-probs under the
+    unfiltered distribution, values, and (with filtering) the log-probs under
+    the filtered one.
+    """
+    txt_len = resolve_txt_len(txt_len, max_length)
+    check_sampling_options(txt_len, top_k, top_p)
+    ids, mask = _batch(model, queries, attention_mask)
+    batch = ids.shape[0]
+    u = check_uniforms(uniforms, batch, txt_len)
+    if u is None:
+        u_t = torch.rand(batch, txt_len, dtype=torch.float64, generator=generator)
+    else:
+        u_t = torch.from_numpy(u)
+    filtering = top_k > 0 or top_p < 1.0
+
+    tokens = torch.empty(batch, txt_len, dtype=torch.long)
+    logprobs = torch.empty(batch, txt_len)
+    sampling_logprobs = torch.empty(batch, txt_len)
+    values = torch.empty(batch, txt_len)
+    start = torch.full((batch, 1), model.config.decoder_start_token_id, dtype=torch.long)
+    encoder_outputs = model.get_encoder()(input_ids=ids, attention_mask=mask) if use_cache else None
+    decoder_input, past = start, None
+    for t in range(txt_len):
+        if use_cache:
+            out = model(
+                encoder_outputs=encoder_outputs,
+                attention_mask=mask,
+                decoder_input_ids=decoder_input,
+                past_key_values=past,
+                use_cache=True,
+            )
+            past = out.past_key_values
+        else:
+            decoder_input = torch.cat([start, tokens[:, :t]], dim=1)
+            out = model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_input, use_cache=False)
+        logits = out.logits[:, -1].float()
+        lse = logsumexp(logits)
+        check_finite(lse, t)
+        filtered = filter_logits(logits, top_k=top_k, top_p=top_p) if filtering else logits
+        token = draw(filtered, u_t[:, t])
+        tokens[:, t] = token
+        logprobs[:, t] = token_logprobs(logits, token, lse)
+        if filtering:
+            sampling_logprobs[:, t] = token_logprobs(filtered, token)
+        values[:, t] = out.value[:, -1].float()
+        decoder_input = token[:, None]
+    return Rollout(
+        tokens=tokens,
+        logprobs=logprobs,
+        values=values,
+        attention_mask=mask,
+        sampling_logprobs=sampling_logprobs if filtering else None,
+    )
+
+
+@torch.no_grad()
+def score(model, queries, responses, attention_mask=None, response_mask=None) -> Scores:
+    """Teacher-forced log-probs, values and entropy of given responses, in one forward pass.
+
+    ``responses``: B x T right-padded token ids, ``response_mask`` B x T (all
+    ones when omitted). Returns ``Scores`` of torch tensors, 0 where masked.
+    """
+    ids, mask = _batch(model, queries, attention_mask)
+    resp, resp_mask = check_response_batch(
+        _to_numpy(responses), _to_numpy(response_mask), queries=ids.shape[0], vocab_size=model.config.vocab_size
+    )
+    resp, resp_mask = torch.from_numpy(resp), torch.from_numpy(resp_mask)
+    out = model(input_ids=ids, attention_mask=mask, decoder_input_ids=model._shift_right(resp))
+    logits = out.logits.float()
+    logz = logsumexp(logits)
+    logprobs = logits.gather(-1, resp[..., None]).squeeze(-1) - logz
+    probs = torch.softmax(logits, dim=-1)
+    entropy = logz - (probs * logits).sum(-1)
+    keep = resp_mask.to(logits.dtype)
+    return Scores(
+        logprobs=logprobs * keep,
+        values=out.value.float() * keep,
+        entropy=entropy * keep,
+        response_mask=resp_mask,
+    )
+
+
+def _batch(model, queries, attention_mask):
+    ids, mask = as_token_batch(_to_numpy(queries), _to_numpy(attention_mask), vocab_size=model.config.vocab_size)
+    device = model.device
+    return torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
+
+
+def _to_numpy(x):
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return x
