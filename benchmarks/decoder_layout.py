@@ -59,7 +59,7 @@ def main() -> None:
     export_dir = demo_export(args.size, Path(args.cache_dir) if args.cache_dir else default_cache_dir(), log=print)
     print("| decoder | batch | tokens/s | RSS after load MB | peak RSS MB |\n|---|---:|---:|---:|---:|")
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
-        for layout in ("split", "merged"):
+        for layout in ("single", "split", "merged"):
             cmd = [
                 sys.executable,
                 __file__,

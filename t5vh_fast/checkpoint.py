@@ -15,7 +15,8 @@ import torch
 from transformers import T5Config
 
 from .errors import InputError, ModelError, PathNotFound
-from .modeling import HEAD_KEYS, T5HeadWithValueModel, canonical_head_layout
+from .modeling import T5HeadWithValueModel
+from .weights import HEAD_KEYS, canonical_head_layout
 
 SUPPORTED_MODEL_TYPES = ("t5", "mt5")
 

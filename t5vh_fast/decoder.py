@@ -22,7 +22,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import ExportError, InputError, ProviderError
-from .manifest import DECODER, DECODER_MERGED, DECODER_WITH_PAST, ENCODER
+from .manifest import DECODER, DECODER_GRAPH, DECODER_MERGED, DECODER_WITH_PAST, ENCODER, ENCODER_GRAPH
 from .providers import CPU, CUDA, TENSORRT, make_session, resolve_providers
 
 
@@ -32,11 +32,18 @@ class DecoderState:
 
     # per layer: self-attention key, value (empty before the first step; grows by one position per step)
     self_kv: list
-    # per layer: cross-attention key, value (computed by the first step, then reused)
+    # per layer: cross-attention key, value (computed once per query, then reused)
     cross_kv: list
-    # the encoder output and its mask
+    # the encoder output (Optimum's layouts feed it to the decoder; None for the single layout)
     encoder_hidden: object
+    # the queries' attention mask, as the decoder graph takes it
     encoder_mask: object
+    # decoder rows: queries x samples per query (query-major)
+    rows: int = 0
+    # positions already in the self-attention cache
+    length: int = 0
+    # positions the cache can hold (the single layout preallocates it; 0 = grows as needed)
+    capacity: int = 0
 
 
 class Graph:
@@ -48,71 +55,128 @@ class Graph:
         self.inputs = {i.name: i for i in session.get_inputs()}
         self.outputs = [o.name for o in session.get_outputs()]
 
-    def run(self, feeds: Dict[str, ort.OrtValue], host: Sequence[str] = ()) -> Dict[str, ort.OrtValue]:
-        """Outputs named in ``host`` come back on the CPU, the rest stay on the session's device."""
+    def run(
+        self, feeds: Dict[str, ort.OrtValue], host: Sequence[str] = (), into: Optional[Dict[str, ort.OrtValue]] = None
+    ) -> Dict[str, ort.OrtValue]:
+        """Outputs named in ``host`` come back on the CPU, those in ``into`` are written into the given
+        ``OrtValue``s, the rest stay on the session's device."""
         binding = self.session.io_binding()
+        into = into or {}
         for name, value in feeds.items():
             binding.bind_ortvalue_input(name, value)
         for name in self.outputs:
-            binding.bind_output(name, "cpu" if name in host else self.device)
+            if name in into:
+                binding.bind_ortvalue_output(name, into[name])
+            else:
+                binding.bind_output(name, "cpu" if name in host else self.device)
         self.session.run_with_iobinding(binding)
         return dict(zip(self.outputs, binding.get_outputs()))
 
 
 class OnnxDecoder(ABC):
-    """The encoder and decoder sessions of one export directory. Subclasses feed the steps."""
+    """The sessions of one export directory for one decoder layout.
+
+    ``encode`` runs once per batch of queries, ``step`` once per decoder call;
+    subclasses say how each layout is fed.
+    """
 
     layout = ""
     files: Tuple[str, ...] = ()
 
     def __init__(self, root: Path, *, providers: Union[str, Sequence[str]] = "auto", threads: Optional[int] = None):
+        self.root = Path(root)
         for name in self.files:
-            if not (root / name).is_file():
-                raise ExportError(f"{root} has no {name}: re-export with the graphs for decoder={self.layout!r}")
+            if not (self.root / name).is_file():
+                raise ExportError(f"{self.root} has no {name}: re-export with the graphs for decoder={self.layout!r}")
         provider_list = resolve_providers(providers)
         if provider_list[0] != CPU and hasattr(ort, "preload_dlls"):
             ort.preload_dlls()  # CUDA/cuDNN from pip's nvidia-* packages, when installed that way
         try:
-            sessions = [make_session(root / name, provider_list, threads) for name in self.files]
+            sessions = self._sessions(provider_list, threads)
         except ProviderError:
             if providers != "auto":
                 raise
             provider_list = [CPU]  # "auto": CUDA was there but did not start; .providers says so
-            sessions = [make_session(root / name, provider_list, threads) for name in self.files]
+            sessions = self._sessions(provider_list, threads)
+        self.threads = threads
         self.providers: List[str] = sessions[0].get_providers()
         self.device = "cuda" if self.providers[0] in (CUDA, TENSORRT) else "cpu"
         self.graphs = [Graph(s, self.device) for s in sessions]
-        self.encoder = self.graphs[0]
-        decoder_outputs = self.graphs[1].outputs
-        self.num_layers = sum(1 for o in decoder_outputs if o.endswith(".decoder.key"))
+
+    def _sessions(self, provider_list: List[str], threads: Optional[int], initializers=None) -> list:
+        initializers = initializers or {}
+        return [
+            make_session(self.root / name, provider_list, threads, initializers=initializers.get(name))
+            for name in self.files
+        ]
+
+    def replace_weights(self, initializers: Dict[str, Dict[str, np.ndarray]]) -> None:
+        """New sessions whose named initializers (``{graph file: {name: array}}``) replace the stored ones.
+
+        All new sessions are built before any is swapped in: if one fails, the
+        decoder keeps running on its old weights.
+        """
+        sessions = self._sessions(self.providers, self.threads, initializers)
+        self.graphs = [Graph(s, self.device) for s in sessions]
+
+    def to_device(self, array: np.ndarray) -> ort.OrtValue:
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0)
+
+    @abstractmethod
+    def encode(self, ids: np.ndarray, mask: np.ndarray, *, num_samples: int = 1, capacity: int = 0) -> DecoderState:
+        """Run the encoder once on checked B x S ``ids``/``mask``, for ``num_samples`` decoder rows per query
+        and at most ``capacity`` decoder positions (the response length; 0 = no limit known)."""
+
+    @abstractmethod
+    def step(self, state: DecoderState, tokens: np.ndarray, select: Optional[np.ndarray] = None):
+        """One decoder call on ``tokens`` (rows x T): the first step or one with the KV cache.
+
+        Returns ``(logits M x V, values M, new state)`` as NumPy arrays for the
+        ``select``-ed flat positions of the rows x T grid (all of them, row-major,
+        when ``select`` is None).
+        """
+
+
+class OptimumDecoder(OnnxDecoder):
+    """Optimum's graphs: the decoder computes the cross-attention K/V at its first step."""
+
+    def __init__(self, root: Path, **kwargs):
+        super().__init__(root, **kwargs)
+        self.num_layers = sum(1 for o in self.graphs[1].outputs if o.endswith(".decoder.key"))
         layers = range(self.num_layers)
         self._self_in = [f"past_key_values.{i}.decoder.{p}" for i in layers for p in ("key", "value")]
         self._cross_in = [f"past_key_values.{i}.encoder.{p}" for i in layers for p in ("key", "value")]
         self._self_out = [f"present.{i}.decoder.{p}" for i in layers for p in ("key", "value")]
         self._cross_out = [f"present.{i}.encoder.{p}" for i in layers for p in ("key", "value")]
 
-    def to_device(self, array: np.ndarray) -> ort.OrtValue:
-        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0)
+    def encode(self, ids, mask, *, num_samples=1, capacity=0):
+        out = self.graphs[0].run({"input_ids": self.to_device(ids), "attention_mask": self.to_device(mask)})
+        hidden = out["last_hidden_state"]
+        if num_samples > 1:  # the encoder ran once per query; each sample's row gets a copy of its output
+            hidden = self.to_device(np.repeat(hidden.numpy(), num_samples, axis=0))
+            mask = np.repeat(mask, num_samples, axis=0)
+        return DecoderState([], [], hidden, self.to_device(mask), rows=ids.shape[0] * num_samples)
 
-    def encode(self, ids: np.ndarray, mask: np.ndarray) -> DecoderState:
-        """Run the encoder once on checked B x S ``ids``/``mask``; the state has no KV cache yet."""
-        mask_value = self.to_device(mask)
-        out = self.encoder.run({"input_ids": self.to_device(ids), "attention_mask": mask_value})
-        return DecoderState(self_kv=[], cross_kv=[], encoder_hidden=out["last_hidden_state"], encoder_mask=mask_value)
-
-    def step(self, state: DecoderState, tokens: np.ndarray):
-        """One decoder call on ``tokens`` (B x T): the first step or a step with the KV cache.
-
-        Returns ``(logits B x T x V, values B x T, new state)`` with logits and
-        values as NumPy arrays. The first call also computes the cross-attention
-        K/V, which every later call reuses.
-        """
+    def step(self, state, tokens, select=None):
         first = not state.self_kv
         graph, feeds = self._feeds(state, tokens, first)
         out = graph.run(feeds, host=("logits", "value"))
         cross_kv = [out[n] for n in self._cross_out] if first else state.cross_kv
-        new_state = DecoderState([out[n] for n in self._self_out], cross_kv, state.encoder_hidden, state.encoder_mask)
-        return out["logits"].numpy(), out["value"].numpy(), new_state
+        self_kv = [out[n] for n in self._self_out]
+        new_state = DecoderState(
+            self_kv,
+            cross_kv,
+            state.encoder_hidden,
+            state.encoder_mask,
+            state.rows,
+            state.length + tokens.shape[1],
+            state.capacity,
+        )
+        logits, values = out["logits"].numpy(), out["value"].numpy()
+        logits, values = logits.reshape(-1, logits.shape[-1]), values.reshape(-1)
+        if select is not None:
+            logits, values = logits[select], values[select]
+        return logits, values, new_state
 
     def _past_feeds(self, state: DecoderState) -> dict:
         return dict(zip(self._self_in + self._cross_in, state.self_kv + state.cross_kv))
@@ -122,7 +186,7 @@ class OnnxDecoder(ABC):
         """The graph to run for this step and its inputs."""
 
 
-class SplitDecoder(OnnxDecoder):
+class SplitDecoder(OptimumDecoder):
     """Optimum's split layout: one graph for the first step, one with the KV cache for the rest."""
 
     layout = "split"
@@ -137,7 +201,7 @@ class SplitDecoder(OnnxDecoder):
         return self.graphs[2], feeds
 
 
-class MergedDecoder(OnnxDecoder):
+class MergedDecoder(OptimumDecoder):
     """Optimum's merged layout: one graph whose ``If`` picks the first-step or the cached branch."""
 
     layout = "merged"
@@ -165,7 +229,112 @@ class MergedDecoder(OnnxDecoder):
         return self.graphs[1], feeds
 
 
-LAYOUTS = {cls.layout: cls for cls in (SplitDecoder, MergedDecoder)}
+class SingleDecoder(OnnxDecoder):
+    """t5vh's own layout: the encoder also computes the cross-attention K/V (once per query, shared by
+    its samples); one decoder graph runs every step; the embedding and position-bias tables are NumPy."""
+
+    layout = "single"
+    files = (ENCODER_GRAPH, DECODER_GRAPH)
+
+    def __init__(self, root: Path, **kwargs):
+        super().__init__(root, **kwargs)
+        self.host = load_host_tables(self.root)
+        names = self.graphs[1].inputs
+        self.num_layers = sum(1 for name in names if name.startswith("past_key."))
+        self._heads, self._d_kv = int(names["past_key.0"].shape[1]), int(names["past_key.0"].shape[3])
+        layers = range(self.num_layers)
+        self._cross = [f"cross_{kind}.{i}" for i in layers for kind in ("key", "value")]
+        self._past = [f"past_{kind}.{i}" for i in layers for kind in ("key", "value")]
+        self._present = [f"present_{kind}.{i}" for i in layers for kind in ("key", "value")]
+        self._encoder_bias = {}
+
+    def set_host_tables(self, tables: Dict[str, np.ndarray]) -> None:
+        """Swap in new embedding / position-bias tables (a weight refresh)."""
+        self.host = {**self.host, **tables}
+        self._encoder_bias = {}
+
+    def encode(self, ids, mask, *, num_samples=1, capacity=0):
+        feeds = {
+            "inputs_embeds": self.to_device(self.host["embedding"][ids]),
+            "attention_mask": self.to_device(mask.astype(np.int32)),
+            "position_bias": self.to_device(self._encoder_position_bias(ids.shape[1])),
+        }
+        out = self.graphs[0].run(feeds)
+        rows = ids.shape[0] * num_samples
+        capacity = capacity or 1
+        cache = [
+            ort.OrtValue.ortvalue_from_shape_and_type(
+                (rows, self._heads, capacity, self._d_kv), np.float32, self.device, 0
+            )
+            for _ in self._past
+        ]
+        cross = [out[n] for n in self._cross]
+        return DecoderState(cache, cross, None, feeds["attention_mask"], rows=rows, capacity=capacity)
+
+    def step(self, state, tokens, select=None):
+        rows, steps = tokens.shape
+        if state.length + steps > state.capacity:
+            raise InputError(
+                f"decoder step past the cache: {state.length} + {steps} positions > capacity {state.capacity}"
+            )
+        if select is None:
+            select = np.arange(rows * steps, dtype=np.int64)
+        feeds = {
+            "inputs_embeds": self.to_device(self.host["embedding"][tokens]),
+            "position_bias": self.to_device(self._decoder_position_bias(state.length, steps)),
+            "encoder_mask": state.encoder_mask,
+            "select": self.to_device(select),
+            "past_length": ort.OrtValue.ortvalue_from_numpy(np.array([state.length], dtype=np.int32)),
+        }
+        feeds.update(zip(self._cross, state.cross_kv))
+        feeds.update(zip(self._past, state.self_kv))
+        out = self.graphs[1].run(feeds, host=("logits", "value"), into=dict(zip(self._present, state.self_kv)))
+        new_state = DecoderState(
+            state.self_kv,  # written in place
+            state.cross_kv,
+            None,
+            state.encoder_mask,
+            state.rows,
+            state.length + steps,
+            state.capacity,
+        )
+        return out["logits"].numpy(), out["value"].numpy(), new_state
+
+    def _encoder_position_bias(self, length: int) -> np.ndarray:
+        """1 x H x S x S: the bias of key position k for query position q, by bucket of k - q."""
+        if length not in self._encoder_bias:
+            reach = (len(self.host["encoder_buckets"]) - 1) // 2
+            positions = np.arange(length)
+            relative = np.clip(positions[None, :] - positions[:, None], -reach, reach) + reach
+            bias = self.host["encoder_position_bias"][self.host["encoder_buckets"][relative]]
+            self._encoder_bias = {length: np.ascontiguousarray(bias.transpose(2, 0, 1)[None])}
+        return self._encoder_bias[length]
+
+    def _decoder_position_bias(self, past: int, steps: int) -> np.ndarray:
+        """1 x H x T x (P+T): bucket of how far back each key is, and -1e9 on future keys (causal)."""
+        reach = len(self.host["decoder_buckets"]) - 1
+        queries = np.arange(past, past + steps)[:, None]
+        keys = np.arange(past + steps)[None, :]
+        back = np.clip(queries - keys, 0, reach)
+        bias = self.host["decoder_position_bias"][self.host["decoder_buckets"][back]].transpose(2, 0, 1)
+        if steps > 1:
+            bias = bias + np.where(keys > queries, np.float32(-1e9), np.float32(0))[None]
+        return np.ascontiguousarray(bias[None], dtype=np.float32)
+
+
+EMBEDDING_FILE = "t5vh_embedding.npy"
+TABLES_FILE = "t5vh_tables.npz"
+
+
+def load_host_tables(root: Path) -> Dict[str, np.ndarray]:
+    """The single layout's NumPy side: the embedding (memory-mapped) and the position-bias tables."""
+    tables = {"embedding": np.load(root / EMBEDDING_FILE, mmap_mode="r", allow_pickle=False)}
+    with np.load(root / TABLES_FILE, allow_pickle=False) as npz:
+        tables.update({name: npz[name] for name in npz.files})
+    return tables
+
+
+LAYOUTS = {cls.layout: cls for cls in (SingleDecoder, SplitDecoder, MergedDecoder)}
 
 
 def _layout_class(layout: str):
@@ -175,8 +344,11 @@ def _layout_class(layout: str):
 
 
 def graph_files(layout: str) -> List[str]:
-    """The graph files a decoder layout runs."""
-    return list(_layout_class(layout).files)
+    """The files a decoder layout reads (graphs, their weights, host tables)."""
+    cls = _layout_class(layout)
+    if cls is SingleDecoder:
+        return [*cls.files, *(f"{name}.data" for name in cls.files), EMBEDDING_FILE, TABLES_FILE]
+    return list(cls.files)
 
 
 def open_decoder(root: Path, layout: str = "split", **kwargs) -> OnnxDecoder:

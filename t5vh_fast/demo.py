@@ -163,13 +163,13 @@ def demo_export(size: str, cache_dir: Path, *, log=lambda message: None) -> Path
     """The demo model's export in ``cache_dir``, built (deterministically) on first use."""
     from .errors import ExportError
     from .export import export
-    from .manifest import read_manifest
+    from .manifest import FORMAT_VERSION, read_manifest
 
     model_dir = cache_dir / f"demo-{size}"
     export_dir = cache_dir / f"demo-{size}-onnx"
     try:
-        read_manifest(export_dir)
-        if (model_dir / "config.json").is_file():
+        current = read_manifest(export_dir)["format_version"] == FORMAT_VERSION
+        if current and (model_dir / "config.json").is_file():
             return export_dir
     except (FileNotFoundError, ExportError):
         pass

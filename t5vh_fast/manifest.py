@@ -12,17 +12,21 @@ from ._files import sha256_file
 from .errors import ExportError, PathNotFound
 
 MANIFEST_NAME = "t5vh_manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # format 1: Optimum's graphs only, no weight map
 ENCODER = "encoder_model.onnx"
 DECODER = "decoder_model.onnx"
 DECODER_WITH_PAST = "decoder_with_past_model.onnx"
 DECODER_MERGED = "decoder_model_merged.onnx"
+ENCODER_GRAPH = "t5vh_encoder.onnx"
+DECODER_GRAPH = "t5vh_decoder.onnx"
 
 
-def read_manifest(export_dir, *, verify_hashes: bool = True, only=None) -> dict:
-    """Read and check the manifest of ``export_dir``; raise ``ExportError`` saying what is wrong.
+def read_manifest(export_dir) -> dict:
+    """Read the manifest of ``export_dir`` and check its format; ``ExportError`` says what is wrong.
 
-    ``only``: check just these files (the graphs about to be loaded)."""
+    The files it lists are checked by ``check_files``, once the caller knows which it will load.
+    """
     root = Path(export_dir).expanduser()
     if not root.exists():
         raise PathNotFound(f"export directory not found: {root}")
@@ -38,20 +42,48 @@ def read_manifest(export_dir, *, verify_hashes: bool = True, only=None) -> dict:
     except json.JSONDecodeError as exc:
         raise ExportError(f"{path} is not valid JSON ({exc}): re-export the model") from None
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise ExportError(
-            f"{root} was exported in t5vh format version {version!r}; this t5vh_fast reads version "
-            f"{FORMAT_VERSION}. Re-export it with this version's `t5vh-export`"
+            f"{root} was exported in t5vh format version {version!r}; this t5vh_fast reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}. Re-export it with this version's `t5vh-export`"
         )
-    for name, expected in manifest.get("files", {}).items():
-        if only is not None and name not in only:
-            continue
+    return manifest
+
+
+def layouts(manifest: dict) -> dict:
+    """``{decoder layout: [files it reads]}`` of an export (format 1 exports hold Optimum's layouts only)."""
+    if "layouts" in manifest:
+        return manifest["layouts"]
+    listed = manifest.get("files", {})
+    found = {"split": [ENCODER, DECODER, DECODER_WITH_PAST]}
+    if DECODER_MERGED in listed:
+        found["merged"] = [ENCODER, DECODER_MERGED]
+    return found
+
+
+def default_layout(manifest: dict) -> str:
+    """The layout ``load`` runs when none is asked for: ``single`` where the export has it."""
+    return "single" if "single" in layouts(manifest) else "split"
+
+
+def check_files(root: Path, manifest: dict, names, *, verify_hashes: bool = True) -> None:
+    """Every file in ``names`` is listed in the manifest, present, and (``verify_hashes``) unchanged.
+
+    A file the manifest does not list is refused: the runtime loads nothing the
+    exporter did not vouch for.
+    """
+    listed = manifest.get("files", {})
+    for name in names:
+        if name not in listed:
+            raise ExportError(
+                f"{root / name} is not listed in {MANIFEST_NAME}: the runtime loads only files the export "
+                "vouches for; re-export the model"
+            )
         file = root / name
         if not file.is_file():
             raise ExportError(f"{root} lacks {name}, which its manifest lists: the export is incomplete; re-export it")
-        if verify_hashes and sha256_file(file) != expected:
+        if verify_hashes and sha256_file(file) != listed[name]:
             raise ExportError(
                 f"{file} does not match the sha256 in {MANIFEST_NAME}: the file was changed or damaged "
                 "after export; re-export the model"
             )
-    return manifest

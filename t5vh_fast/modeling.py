@@ -16,27 +16,7 @@ from transformers import T5Config, T5ForConditionalGeneration
 from transformers.modeling_outputs import Seq2SeqLMOutput
 
 from . import reference
-from .errors import InputError
-
-# Named after what the head reads. "logits": Linear(vocab_size, 1) on the LM logits (the layout of the
-# value-head notebook this package started from); "hidden": Linear(d_model, 1) on the last decoder
-# hidden state (TRL's layout). The old names "seed" and "trl" are accepted everywhere.
-HEAD_LAYOUTS = ("logits", "hidden")
-HEAD_LAYOUT_ALIASES = {"seed": "logits", "trl": "hidden"}
-# The checkpoint keys of each layout's head (the checkpoint format, so they keep their historic names).
-HEAD_KEYS = {
-    "logits": ("v_head.state_representation.weight", "v_head.state_representation.bias"),
-    "hidden": ("v_head.summary.weight", "v_head.summary.bias"),
-}
-
-
-def canonical_head_layout(name: str) -> str:
-    """``"logits"`` or ``"hidden"`` for a layout name, old names included; ``InputError`` otherwise."""
-    layout = HEAD_LAYOUT_ALIASES.get(name, name)
-    if layout not in HEAD_LAYOUTS:
-        choices = ", ".join(repr(n) for n in (*HEAD_LAYOUTS, *HEAD_LAYOUT_ALIASES))
-        raise InputError(f"value head layout must be one of {choices}, got {name!r}")
-    return layout
+from .weights import HEAD_LAYOUTS, canonical_head_layout
 
 
 @dataclass

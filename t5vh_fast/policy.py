@@ -9,9 +9,9 @@ from typing import Callable, List, Optional, Sequence, Union
 import numpy as np
 
 from .decoder import OnnxDecoder, graph_files, open_decoder
-from .errors import PathNotFound
+from .errors import ExportError, PathNotFound
 from .inputs import as_token_batch, check_response_batch, pad_batch
-from .manifest import read_manifest
+from .manifest import check_files, default_layout, layouts, read_manifest
 from .results import Rollout, Scores
 from .rollout import respond
 from .scoring import score as _score
@@ -132,19 +132,28 @@ def load(
     *,
     providers: Union[str, Sequence[str]] = "auto",
     threads: Optional[int] = None,
-    decoder: str = "split",
+    decoder: Optional[str] = None,
     verify: bool = True,
 ) -> OnnxPolicy:
     """Load an export made by ``t5vh-export``.
 
     ``providers``: ``"auto"`` (CUDA when it really works, else CPU), ``"cpu"``,
     ``"cuda"``, ``"tensorrt"`` or an onnxruntime provider list. ``threads``:
-    intra-op threads per session (default: all cores). ``decoder``:
-    ``"split"`` (two decoder graphs) or ``"merged"`` (one graph, less memory).
-    The manifest is checked first: format version and the sha256 of every
-    graph (``verify=False`` skips the hashes, not the version). Raises
+    intra-op threads per session (default: all cores). ``decoder``: which
+    graphs run: ``"single"`` (t5vh's own: one decoder graph for every step,
+    weights held once; the default where the export has it), ``"split"`` or
+    ``"merged"`` (Optimum's graphs). The manifest is checked first: format
+    version, and that every file the layout reads is listed and unchanged
+    (``verify=False`` skips the hashes, not the listing). Raises
     ``PathNotFound`` or ``ExportError`` naming what is wrong.
     """
     root = Path(export_dir).expanduser()
-    manifest = read_manifest(root, verify_hashes=verify, only=graph_files(decoder))
-    return OnnxPolicy(root, manifest, open_decoder(root, decoder, providers=providers, threads=threads))
+    manifest = read_manifest(root)
+    layout = decoder if decoder is not None else default_layout(manifest)
+    needed = graph_files(layout)
+    available = layouts(manifest)
+    if layout not in available:
+        known = ", ".join(repr(name) for name in available)
+        raise ExportError(f"{root} has no {layout!r} decoder layout (it has {known}): pass one of those, or re-export")
+    check_files(root, manifest, needed, verify_hashes=verify)
+    return OnnxPolicy(root, manifest, open_decoder(root, layout, providers=providers, threads=threads))

@@ -8,8 +8,9 @@ from __future__ import annotations
 import ctypes
 import os
 from pathlib import Path
-from typing import List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
+import numpy as np
 import onnxruntime as ort
 
 from .errors import InputError, ProviderError
@@ -67,8 +68,14 @@ def check_threads(threads) -> None:
         raise InputError(f"threads must be a positive integer or None, got {threads!r}")
 
 
-def make_session(path: Path, providers: List[str], threads: Optional[int]) -> ort.InferenceSession:
-    """One onnxruntime session for a graph file, all optimizations on; fails if the first provider fell back."""
+def make_session(
+    path: Path, providers: List[str], threads: Optional[int], *, initializers: Optional[Dict[str, np.ndarray]] = None
+) -> ort.InferenceSession:
+    """One onnxruntime session for a graph file, all optimizations on; fails if the first provider fell back.
+
+    ``initializers`` replace the graph's stored weights of those names (the graph must
+    keep them as external data); onnxruntime copies them, so the arrays may be dropped after.
+    """
     check_threads(threads)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -78,6 +85,9 @@ def make_session(path: Path, providers: List[str], threads: Optional[int]) -> or
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    if initializers:
+        values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in initializers.values()]
+        options.add_external_initializers(list(initializers), values)
     session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
     if providers[0] != CPU and session.get_providers()[0] != providers[0]:
         raise ProviderError(

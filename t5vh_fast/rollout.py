@@ -43,11 +43,10 @@ def respond(
     values = np.empty((batch, txt_len), dtype=np.float32)
     sampling_logprobs = np.empty((batch, txt_len), dtype=np.float32) if filtering else None
 
-    state = decoder.encode(ids, mask)
+    state = decoder.encode(ids, mask, capacity=txt_len)
     step_input = np.full((batch, 1), decoder_start_token_id, dtype=np.int64)
     for t in range(txt_len):
         logits, value, state = decoder.step(state, step_input)
-        logits = logits[:, -1]
         weights, block_sums, lse = exp_weights(logits)
         check_finite(lse, t)
         step_u = u[:, t] if u is not None else rng.random(batch)
@@ -60,7 +59,7 @@ def respond(
             token = draw(logits, step_u, weights, block_sums)
         tokens[:, t] = token
         logprobs[:, t] = token_logprobs(logits, token, lse)
-        values[:, t] = value[:, -1]
+        values[:, t] = value
         step_input = token[:, None]
         if callback is not None:
             callback(t, token)

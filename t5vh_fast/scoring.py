@@ -13,24 +13,34 @@ from .sampling import exp_weights
 
 
 def score(decoder: OnnxDecoder, ids, mask, responses, response_mask, *, decoder_start_token_id: int) -> Scores:
-    """Score checked B x T ``responses`` for checked B x S queries: one encoder and one decoder call."""
+    """Score checked B x T ``responses`` for checked B x S queries: one encoder and one decoder call.
+
+    Only the response's real (unmasked) positions reach the LM head and the
+    log-softmax; the rest of each B x T result is 0.
+    """
+    batch, length = responses.shape
     decoder_ids = np.concatenate(
-        [np.full((responses.shape[0], 1), decoder_start_token_id, dtype=np.int64), responses[:, :-1]], axis=1
+        [np.full((batch, 1), decoder_start_token_id, dtype=np.int64), responses[:, :-1]], axis=1
     )
-    state = decoder.encode(ids, mask)
-    logits, values, _ = decoder.step(state, decoder_ids)
-    batch, length, vocab = logits.shape
-    flat = logits.reshape(batch * length, vocab)
-    weights, block_sums, lse = exp_weights(flat)  # weights = exp(logits - max): one exp pass for both
-    chosen = np.take_along_axis(flat, responses.reshape(-1, 1), axis=-1)[:, 0]
-    entropy = lse - np.einsum("ij,ij->i", weights, flat) / block_sums.sum(axis=-1)
-    keep = response_mask.astype(np.float32)
+    real = np.flatnonzero(response_mask.reshape(-1))
+    state = decoder.encode(ids, mask, capacity=length)
+    logits, values, _ = decoder.step(state, decoder_ids, select=real)
+    weights, block_sums, lse = exp_weights(logits)  # weights = exp(logits - max): one exp pass for both
+    chosen = np.take_along_axis(logits, responses.reshape(-1)[real, None], axis=-1)[:, 0]
+    entropy = lse - np.einsum("ij,ij->i", weights, logits) / block_sums.sum(axis=-1)
     return Scores(
-        logprobs=(chosen - lse).reshape(batch, length) * keep,
-        values=values.astype(np.float32) * keep,
-        entropy=entropy.reshape(batch, length).astype(np.float32) * keep,
+        logprobs=_scatter(chosen - lse, real, batch, length),
+        values=_scatter(values, real, batch, length),
+        entropy=_scatter(entropy, real, batch, length),
         response_mask=response_mask,
     )
+
+
+def _scatter(picked: np.ndarray, positions: np.ndarray, batch: int, length: int) -> np.ndarray:
+    """A B x T float32 array holding ``picked`` at the flat ``positions`` and 0 elsewhere."""
+    out = np.zeros(batch * length, dtype=np.float32)
+    out[positions] = picked
+    return out.reshape(batch, length)
 
 
 def kl(scores: Scores, ref_scores: Scores) -> np.ndarray:

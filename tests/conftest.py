@@ -32,7 +32,7 @@ def reference(tiny_dir):
     return load_reference(tiny_dir)
 
 
-@pytest.fixture(scope="session", params=["split", "merged"])
+@pytest.fixture(scope="session", params=["single", "split", "merged"])
 def policy(request, tiny_export):
     import t5vh_fast
 

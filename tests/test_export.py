@@ -16,9 +16,11 @@ from t5vh_fast.cli import export_command
 from t5vh_fast.demo import build_model, write_demo
 from t5vh_fast.export import ExportParityError, check_export, export
 from t5vh_fast.export import convert as convert_module
-from t5vh_fast.manifest import MANIFEST_NAME
+from t5vh_fast.manifest import FORMAT_VERSION, MANIFEST_NAME
 
 GRAPHS = ["encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx", "decoder_model_merged.onnx"]
+SINGLE_GRAPHS = ["t5vh_encoder.onnx", "t5vh_decoder.onnx"]
+SINGLE_FILES = SINGLE_GRAPHS + [f"{g}.data" for g in SINGLE_GRAPHS] + ["t5vh_embedding.npy", "t5vh_tables.npz"]
 
 
 def _leftovers(parent, name):
@@ -33,17 +35,18 @@ def test_export_each_family_and_layout(tmp_path, family, layout):
     out = export(model_dir)
     assert out == tmp_path / "m-onnx"
     manifest = json.loads((out / MANIFEST_NAME).read_text())
-    assert manifest["format_version"] == 1
+    assert manifest["format_version"] == FORMAT_VERSION
     assert manifest["head_layout"] == layout
     assert manifest["model_type"] == ("mt5" if family == "mt5" else "t5")
     assert manifest["tie_word_embeddings"] is (family == "t5")
-    assert manifest["dtype"] == "fp32" and isinstance(manifest["opset"], int)
+    assert manifest["precision"] == "fp32" and isinstance(manifest["opset"], int)
     assert {"torch", "transformers", "optimum", "optimum-onnx"} <= set(manifest["versions"])
-    assert sorted(manifest["files"]) == sorted(GRAPHS)
+    assert sorted(manifest["files"]) == sorted(GRAPHS + SINGLE_FILES)
+    assert sorted(manifest["layouts"]) == ["merged", "single", "split"]
     for name, digest in manifest["files"].items():
         assert sha256_file(out / name) == digest
     graphs = manifest["parity"]["graphs"]
-    assert sorted(graphs) == sorted(GRAPHS)
+    assert sorted(graphs) == sorted(GRAPHS + SINGLE_GRAPHS)
     for graph, entry in graphs.items():
         assert entry["ok"], graph
         for key in entry:
@@ -60,11 +63,13 @@ def test_check_catches_wrong_decoder_scaling(tmp_path, family):
     model_dir = write_demo(tmp_path / "m", size="tiny", family=family)
     out = export(model_dir, merged=False)
     model = load_reference(model_dir)
-    assert all(entry["ok"] for entry in check_export(model, out, merged=False).values())
+    layouts = ("single", "split")
+    assert all(entry["ok"] for entry in check_export(model, out, layouts=layouts).values())
     model.config.tie_word_embeddings = not model.config.tie_word_embeddings  # what a buggy exporter assumes
-    report = check_export(model, out, merged=False)
+    report = check_export(model, out, layouts=layouts)
     assert not report["decoder_model.onnx"]["ok"]
     assert not report["decoder_with_past_model.onnx"]["ok"]
+    assert not report["t5vh_decoder.onnx"]["ok"]
 
 
 def test_optimum_loads_the_export_and_greedy_tokens_match(tiny_export, reference):
@@ -94,7 +99,7 @@ def test_existing_output_needs_force(tmp_path, tiny_dir):
 
 
 def test_parity_failure_leaves_nothing(tmp_path, tiny_dir, monkeypatch):
-    def bad_check(model, root, *, merged):
+    def bad_check(model, root, *, layouts):
         return {"decoder_model.onnx": {"logits_max_abs_diff": 1.0, "logits_tol": 1e-4, "ok": False}}
 
     monkeypatch.setattr(convert_module, "check_export", bad_check)

@@ -16,7 +16,7 @@ import t5vh_fast
 from t5vh_fast import providers as providers_module
 from t5vh_fast import rollout as rollout_module
 from t5vh_fast.errors import ExportError
-from t5vh_fast.manifest import MANIFEST_NAME
+from t5vh_fast.manifest import FORMAT_VERSION, MANIFEST_NAME
 from t5vh_fast.reference import filter_logits as torch_filter
 
 from .conftest import assert_pad_invariant, mixed_queries, tol
@@ -197,16 +197,16 @@ def test_bad_input(policy):
 
 def test_nan_logits_are_an_error_naming_step_and_row(monkeypatch):
     class NaNDecoder:
-        def encode(self, ids, mask):
+        def encode(self, ids, mask, **options):
             return None
 
         def step(self, state, tokens):
             step = getattr(self, "calls", 0)
             self.calls = step + 1
-            logits = np.zeros((3, 1, 8), dtype=np.float32)
+            logits = np.zeros((3, 8), dtype=np.float32)
             if step == 2:
-                logits[1, 0, 4] = np.nan
-            return logits, np.zeros((3, 1), dtype=np.float32), state
+                logits[1, 4] = np.nan
+            return logits, np.zeros(3, dtype=np.float32), state
 
     ids = np.ones((3, 2), dtype=np.int64)
     with pytest.raises(FloatingPointError, match="step 2, row 1"):
@@ -226,16 +226,45 @@ def test_not_an_export_and_tampered_exports(tmp_path, tiny_export, tiny_dir):
     (copy / MANIFEST_NAME).write_text(json.dumps(manifest))
     with pytest.raises(ExportError, match="version 99.*Re-export"):
         t5vh_fast.load(copy)
-    manifest["format_version"] = 1
+    manifest["format_version"] = FORMAT_VERSION
     (copy / MANIFEST_NAME).write_text(json.dumps(manifest))
-    with open(copy / "decoder_with_past_model.onnx", "ab") as f:
-        f.write(b"\0")
-    with pytest.raises(ExportError, match="decoder_with_past_model.onnx does not match the sha256"):
-        t5vh_fast.load(copy)
-    shutil.copy(tiny_export / "decoder_with_past_model.onnx", copy / "decoder_with_past_model.onnx")
+    for layout, name in (("split", "decoder_with_past_model.onnx"), ("single", "t5vh_decoder.onnx.data")):
+        with open(copy / name, "ab") as f:
+            f.write(b"\0")
+        with pytest.raises(ExportError, match=f"{name} does not match the sha256"):
+            t5vh_fast.load(copy, decoder=layout)
+        shutil.copy(tiny_export / name, copy / name)
     (copy / "encoder_model.onnx").unlink()
     with pytest.raises(ExportError, match="lacks encoder_model.onnx"):
-        t5vh_fast.load(copy)
+        t5vh_fast.load(copy, decoder="split")
+    t5vh_fast.load(copy, providers="cpu")  # the single layout does not read it
+    no_merged = _without_layout(copy, tmp_path / "no-merged", "merged")
+    with pytest.raises(ExportError, match="no 'merged' decoder layout"):
+        t5vh_fast.load(no_merged, decoder="merged")
+    with pytest.raises(ValueError, match="decoder must be one of"):
+        t5vh_fast.load(copy, decoder="fused")
+
+
+def _without_layout(src, dst, layout):
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / MANIFEST_NAME).read_text())
+    del manifest["layouts"][layout]
+    (dst / MANIFEST_NAME).write_text(json.dumps(manifest))
+    return dst
+
+
+def test_exports_of_format_1_load_with_optimums_layout(tmp_path, tiny_export):
+    """A format-1 manifest (before the single layout and the weight map) loads, on the split layout."""
+    old = tmp_path / "old"
+    shutil.copytree(tiny_export, old)
+    manifest = json.loads((old / MANIFEST_NAME).read_text())
+    for key in ("layouts", "weights", "precision"):
+        del manifest[key]
+    manifest["format_version"] = 1
+    (old / MANIFEST_NAME).write_text(json.dumps(manifest))
+    policy = t5vh_fast.load(old, providers="cpu")
+    assert policy.decoder.layout == "split"
+    assert policy.respond_to_batch([[5, 6, 1]], txt_len=3, seed=0).tokens.shape == (1, 3)
 
 
 # ---------------------------------------------------------------------- providers

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..decoder import open_decoder
-from ..manifest import DECODER, DECODER_MERGED, DECODER_WITH_PAST, ENCODER
+from ..manifest import DECODER, DECODER_GRAPH, DECODER_MERGED, DECODER_WITH_PAST, ENCODER, ENCODER_GRAPH
 
 TOLERANCE = "1e-4 * max(1, max|reference|)"
 
@@ -45,8 +45,16 @@ def seeded_inputs(vocab_size: int, *, seed: int = 0, lengths=(9, 5, 7), steps: i
     return ids, mask, decoder_ids
 
 
-def check_export(model, root: Path, *, merged: bool, seed: int = 0) -> dict:
-    """Max |diff| of encoder output, logits and values per graph; each entry has ``ok``."""
+# per layout: (encoder graph, decoder graph of the first step, decoder graph of later steps)
+LAYOUT_GRAPHS = {
+    "single": (ENCODER_GRAPH, DECODER_GRAPH, DECODER_GRAPH),
+    "split": (ENCODER, DECODER, DECODER_WITH_PAST),
+    "merged": (ENCODER, DECODER_MERGED, DECODER_MERGED),
+}
+
+
+def check_export(model, root: Path, *, layouts=("single", "split", "merged"), seed: int = 0) -> dict:
+    """Max |diff| of the encoder's output, logits and values per graph file; each entry has ``ok``."""
     config = model.config
     ids, mask, decoder_ids = seeded_inputs(config.vocab_size, seed=seed)
     decoder_ids[:, 0] = config.decoder_start_token_id
@@ -56,33 +64,55 @@ def check_export(model, root: Path, *, merged: bool, seed: int = 0) -> dict:
             attention_mask=torch.from_numpy(mask),
             decoder_input_ids=torch.from_numpy(decoder_ids),
         )
-    ref_hidden = ref.encoder_last_hidden_state.numpy()
+    ref_hidden = ref.encoder_last_hidden_state
     ref_logits, ref_values = ref.logits.float().numpy(), ref.value.float().numpy()
+    batch, steps = decoder_ids.shape
 
-    report = {ENCODER: {}, DECODER: {}, DECODER_WITH_PAST: {}}
-    layouts = ["split"] + (["merged"] if merged else [])
-    if merged:
-        report[DECODER_MERGED] = {}
+    report = {}
     for layout in layouts:
+        encoder_graph, first, later = LAYOUT_GRAPHS[layout]
+        for graph in (encoder_graph, first, later):
+            report.setdefault(graph, {})
         decoder = open_decoder(root, layout, providers="cpu")
-        state = decoder.encode(ids, mask)
-        if layout == "split":
-            _compare("hidden", state.encoder_hidden.numpy(), ref_hidden, report[ENCODER])
-        first = DECODER if layout == "split" else DECODER_MERGED
-        later = DECODER_WITH_PAST if layout == "split" else DECODER_MERGED
+        state = decoder.encode(ids, mask, capacity=steps)
+        if layout == "single":
+            for name, value, reference in zip(
+                ("key", "value") * len(state.cross_kv), state.cross_kv, _cross_kv(model, ref_hidden)
+            ):
+                _compare(
+                    f"cross_{name}",
+                    value.numpy() * mask[:, None, :, None],
+                    reference * mask[:, None, :, None],
+                    report[encoder_graph],
+                )
+        else:
+            _compare("hidden", state.encoder_hidden.numpy(), ref_hidden.numpy(), report[encoder_graph])
         # teacher-forced, all positions at once (what scoring does)
         logits, values, _ = decoder.step(state, decoder_ids)
-        _compare("logits", logits, ref_logits, report[first])
-        _compare("values", values, ref_values, report[first])
+        _compare("logits", logits.reshape(batch, steps, -1), ref_logits, report[first])
+        _compare("values", values.reshape(batch, steps), ref_values, report[first])
         # step by step through the KV cache (what sampling does)
-        for t in range(decoder_ids.shape[1]):
+        for t in range(steps):
             logits, values, state = decoder.step(state, decoder_ids[:, t : t + 1])
             graph = first if t == 0 else later
-            _compare("logits", logits[:, -1], ref_logits[:, t], report[graph])
-            _compare("values", values[:, -1], ref_values[:, t], report[graph])
+            _compare("logits", logits, ref_logits[:, t], report[graph])
+            _compare("values", values, ref_values[:, t], report[graph])
     for entry in report.values():
         entry["ok"] = all(entry[k] <= entry[k.replace("max_abs_diff", "tol")] for k in entry if k.endswith("diff"))
     return report
+
+
+def _cross_kv(model, hidden) -> list:
+    """PyTorch's cross-attention keys and values of every decoder layer (B x H x S x d_kv), in order."""
+    config = model.config
+    out = []
+    with torch.no_grad():
+        for block in model.decoder.block:
+            attention = block.layer[1].EncDecAttention
+            for projection in (attention.k, attention.v):
+                x = projection(hidden)
+                out.append(x.view(x.shape[0], x.shape[1], config.num_heads, config.d_kv).transpose(1, 2).numpy())
+    return out
 
 
 def format_report(report: dict) -> str:

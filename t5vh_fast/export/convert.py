@@ -20,8 +20,11 @@ from .._files import replace_dir, sha256_file, write_json_atomic
 from ..checkpoint import load_reference
 from ..errors import NonFiniteError, OutputError, ParityError, PathExists, PathNotFound
 from ..manifest import DECODER, DECODER_MERGED, DECODER_WITH_PAST, ENCODER, FORMAT_VERSION, MANIFEST_NAME
+from ..weights import ModelSpec, plan_record
 from .check import TOLERANCE, check_export, format_report
+from .graph import OPSET
 from .optimize import fold_lm_head_scale
+from .single import write_single_layout
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -44,6 +47,7 @@ def export(
     output_dir=None,
     *,
     force: bool = False,
+    optimum: bool = True,
     merged: bool = True,
     opset: Optional[int] = None,
     allow_pickle: bool = False,
@@ -52,10 +56,16 @@ def export(
 ) -> Path:
     """Export ``model_dir`` to ONNX in ``output_dir`` (default ``<model_dir>-onnx``); returns the path.
 
-    Refuses an existing ``output_dir`` unless ``force``. ``merged`` also writes
-    ``decoder_model_merged.onnx``. Raises ``ExportParityError`` (and writes
-    nothing) when a graph misses the DESIGN.md tolerance.
+    Always writes the ``single`` layout the runtime runs by default
+    (``t5vh_encoder.onnx``, ``t5vh_decoder.onnx``, their weights and the host
+    tables); with ``optimum`` (the default) also Optimum's layout, which
+    Optimum's ``ORTModelForSeq2SeqLM`` loads (``encoder_model.onnx``,
+    ``decoder_model.onnx``, ``decoder_with_past_model.onnx``, and with
+    ``merged`` ``decoder_model_merged.onnx``). ``opset`` applies to Optimum's
+    graphs. Refuses an existing ``output_dir`` unless ``force``. Raises
+    ``ParityError`` (and writes nothing) when a graph misses the parity tolerance.
     """
+    opset_override = opset
     out = Path(output_dir).expanduser() if output_dir is not None else default_output_dir(model_dir)
     if out.exists() and not force:
         raise PathExists(f"{out} already exists: pass --force (force=True) to replace it")
@@ -69,27 +79,33 @@ def export(
     except OSError as exc:
         raise OutputError(f"cannot write the export at {out}: {exc.strerror}") from None
     try:
-        files = _export_graphs(model, tmp, merged=merged, opset=opset, log=log)
+        layouts, opset = {}, OPSET
+        if optimum:
+            layouts, opset = _export_graphs(model, tmp, merged=merged, opset=opset_override, log=log)
+        log("writing the single layout (t5vh_encoder.onnx, t5vh_decoder.onnx) ...")
+        layouts = {"single": write_single_layout(model, tmp), **layouts}
         _save_side_files(model, Path(model_dir).expanduser(), tmp)
         log("checking every graph against PyTorch ...")
-        report = check_export(model, tmp, merged=merged)
+        report = check_export(model, tmp, layouts=tuple(layouts))
         log(format_report(report))
         failed = [g for g, entry in report.items() if not entry["ok"]]
         if failed:
             raise ExportParityError(
                 f"export does not match PyTorch within {TOLERANCE} for {failed}:\n{format_report(report)}"
             )
+        files = sorted({name for names in layouts.values() for name in names})
         manifest = {
             "format_version": FORMAT_VERSION,
+            "precision": "fp32",
             "head_layout": model.head_layout,
             "model_type": model.config.model_type,
             "tie_word_embeddings": bool(model.config.tie_word_embeddings),
-            "dtype": "fp32",
-            "quantization": None,
-            "opset": files.pop("_opset"),
-            "versions": library_versions(),
+            "opset": opset,
+            "layouts": layouts,
             "files": {name: sha256_file(tmp / name) for name in files},
+            "weights": {"single": plan_record(ModelSpec.from_config(model.config.to_dict()), "fp32")},
             "parity": {"tolerance": TOLERANCE, "graphs": report},
+            "versions": library_versions(),
             "source": str(Path(model_dir).expanduser().resolve()),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
@@ -116,8 +132,8 @@ def check_finite_weights(model) -> None:
             )
 
 
-def _export_graphs(model, tmp: Path, *, merged: bool, opset: Optional[int], log) -> dict:
-    """Write the encoder and both decoder graphs (and the merged decoder); returns {file: True, "_opset": n}."""
+def _export_graphs(model, tmp: Path, *, merged: bool, opset: Optional[int], log):
+    """Write Optimum's encoder and decoder graphs (and the merged decoder); returns ``({layout: files}, opset)``."""
     from optimum.exporters.onnx.convert import export_models
     from optimum.exporters.utils import get_encoder_decoder_models_for_export
 
@@ -158,8 +174,10 @@ def _export_graphs(model, tmp: Path, *, merged: bool, opset: Optional[int], log)
         merge_decoders(tmp / DECODER, tmp / DECODER_WITH_PAST, save_path=tmp / DECODER_MERGED, strict=False)
         log(f"  {DECODER_MERGED} done in {time.perf_counter() - start:.1f} s")
         files[DECODER_MERGED] = True
-    files["_opset"] = opset
-    return files
+    layouts = {"split": [ENCODER, DECODER, DECODER_WITH_PAST]}
+    if merged:
+        layouts["merged"] = [ENCODER, DECODER_MERGED]
+    return layouts, opset
 
 
 def _save_side_files(model, model_dir: Path, tmp: Path) -> None:

@@ -1,0 +1,256 @@
+"""The ``single`` layout's two ONNX graphs, built node by node from the tensor plan.
+
+Why not trace PyTorch: a hand-built graph uses onnxruntime's fused operators
+(``MultiHeadAttention`` with the relative-position bias and the KV cache,
+``SimplifiedLayerNormalization`` for T5's RMS norm, ``DynamicQuantizeMatMul``
+for int8), names every weight after what it is (so weights can be refreshed in
+place), and shares the cross-attention keys/values of one query between the N
+samples of a group. The post-export check holds it to the PyTorch model.
+
+- ``t5vh_encoder.onnx``: ``inputs_embeds`` (B x S x d), ``attention_mask``
+  (B x S int32), ``position_bias`` (1 x H x S x S) -> ``cross_key.i`` and
+  ``cross_value.i`` (B x H x S x d_kv) for every decoder layer ``i``.
+- ``t5vh_decoder.onnx``: ``inputs_embeds`` (R x T x d) for R = B x N rows (N
+  samples per query, query-major), ``position_bias`` (1 x H x T x (P+T), causal
+  mask included), ``encoder_mask``, the cross K/V of the B queries, the KV
+  cache ``past_key.i`` / ``past_value.i`` (R x H x C x d_kv buffers as long as
+  the whole response, C positions) with ``past_length`` P (the positions
+  filled), and ``select`` (M flat indices into the R x T positions) ->
+  ``logits`` (M x V), ``value`` (M) and ``present_key.i`` / ``present_value.i``:
+  the same buffers with the T new positions written at P (the runtime binds
+  them in place, so the cache is never copied). One graph for every step: the
+  first step runs it with P = 0, scoring with T tokens at once.
+
+Weights live in ``<graph>.data`` beside each graph (onnxruntime memory-maps
+them); the embedding and the relative-position tables stay in NumPy files the
+runtime reads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ..weights import ModelSpec
+
+OPSET = 17
+ENCODER_GRAPH = "t5vh_encoder.onnx"
+DECODER_GRAPH = "t5vh_decoder.onnx"
+ALIGN = 64  # bytes: each weight starts at a multiple of this in the .data file
+
+_DTYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.int8): TensorProto.INT8}
+
+
+class Builder:
+    """A graph under construction: nodes, inputs, outputs and external weights."""
+
+    def __init__(self, name: str, weights: Dict[str, np.ndarray], spec: ModelSpec):
+        self.name = name
+        self.weights = weights
+        self.spec = spec
+        self.nodes: List[onnx.NodeProto] = []
+        self.inputs: List[onnx.ValueInfoProto] = []
+        self.outputs: List[onnx.ValueInfoProto] = []
+        self.constants: List[onnx.TensorProto] = []
+        self.used: List[str] = []
+        self._count = 0
+
+    def input(self, name: str, dtype, dims) -> str:
+        self.inputs.append(helper.make_tensor_value_info(name, dtype, dims))
+        return name
+
+    def output(self, value: str, name: str, dtype, dims) -> None:
+        self.node("Identity", [value], name=name)
+        self.outputs.append(helper.make_tensor_value_info(name, dtype, dims))
+
+    def weight(self, name: str) -> str:
+        if name not in self.weights:
+            raise KeyError(f"no weight {name!r} in the plan for {self.name}")
+        if name not in self.used:
+            self.used.append(name)
+        return name
+
+    def const(self, value, dtype=np.int64) -> str:
+        name = f"const_{len(self.constants)}"
+        self.constants.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+        return name
+
+    def node(self, op: str, inputs: List[str], *, outputs: int = 1, name: str = None, domain: str = "", **attrs):
+        self._count += 1
+        names = [name] if name else [f"{op.lower()}_{self._count}_{k}" for k in range(outputs)]
+        self.nodes.append(helper.make_node(op, inputs, names, name=f"{op}_{self._count}", domain=domain, **attrs))
+        return names[0] if outputs == 1 else names
+
+    # -------------------------------------------------------------- T5 pieces
+
+    def linear(self, x: str, weight: str) -> str:
+        if f"{weight}.scale" in self.weights:  # int8: activations quantized on the fly, weights per column
+            return self.node(
+                "DynamicQuantizeMatMul",
+                [x, self.weight(weight), self.weight(f"{weight}.scale")],
+                domain="com.microsoft",
+            )
+        return self.node("MatMul", [x, self.weight(weight)])
+
+    def norm(self, x: str, weight: str) -> str:
+        return self.node(
+            "SimplifiedLayerNormalization", [x, self.weight(weight)], axis=-1, epsilon=self.spec.eps, stash_type=1
+        )
+
+    def feed_forward(self, x: str, prefix: str) -> str:
+        spec = self.spec
+        if spec.gated:
+            hidden = self.node(
+                "Mul", [self.activation(self.linear(x, f"{prefix}.ff_wi_0")), self.linear(x, f"{prefix}.ff_wi_1")]
+            )
+        else:
+            hidden = self.activation(self.linear(x, f"{prefix}.ff_wi"))
+        return self.linear(hidden, f"{prefix}.ff_wo")
+
+    def activation(self, x: str) -> str:
+        act = self.spec.activation
+        if act == "relu":
+            return self.node("Relu", [x])
+        if act in ("gelu_new", "gelu_pytorch_tanh"):
+            return self.node("FastGelu", [x], domain="com.microsoft")
+        if act == "gelu":
+            return self.node("Gelu", [x], domain="com.microsoft")
+        return self.node("Mul", [x, self.node("Sigmoid", [x])])  # silu
+
+    def attention(self, query: str, key: str, value: str, **inputs) -> str:
+        """``MultiHeadAttention`` without T5's 1/sqrt(d) scaling; ``inputs`` by the op's input names."""
+        order = ["bias", "key_padding_mask", "attention_bias", "past_key", "past_value", "past_sequence_length"]
+        args = [query, key, value] + [inputs.get(name, "") for name in order]
+        while args[-1] == "":
+            args.pop()
+        outputs = 3 if "past_key" in inputs else 1
+        return self.node(
+            "MultiHeadAttention",
+            args,
+            outputs=outputs,
+            domain="com.microsoft",
+            num_heads=self.spec.num_heads,
+            scale=1.0,
+        )
+
+    def heads(self, x: str) -> str:
+        """(B, L, H*d) -> (B, H, L, d)."""
+        shaped = self.node("Reshape", [x, self.const([0, -1, self.spec.num_heads, self.spec.d_kv])])
+        return self.node("Transpose", [shaped], perm=[0, 2, 1, 3])
+
+    def model(self) -> onnx.ModelProto:
+        initializers = [_external(name, self.weights[name]) for name in self.used] + self.constants
+        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, initializers)
+        model = helper.make_model(
+            graph,
+            opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)],
+            producer_name="t5vh_fast",
+        )
+        model.ir_version = 9
+        return model
+
+
+def _external(name: str, array: np.ndarray) -> onnx.TensorProto:
+    """A weight whose bytes live in the graph's .data file (offsets filled in by ``save``)."""
+    tensor = TensorProto()
+    tensor.name = name
+    tensor.data_type = _DTYPES[array.dtype]
+    tensor.dims.extend(array.shape)
+    tensor.data_location = TensorProto.EXTERNAL
+    return tensor
+
+
+def encoder_graph(spec: ModelSpec, weights: Dict[str, np.ndarray]) -> Builder:
+    """Encoder blocks, then every decoder layer's cross-attention keys and values."""
+    b = Builder("t5vh_encoder", weights, spec)
+    x = b.input("inputs_embeds", TensorProto.FLOAT, ["batch", "seq", spec.d_model])
+    mask = b.input("attention_mask", TensorProto.INT32, ["batch", "seq"])
+    bias = b.input("position_bias", TensorProto.FLOAT, [1, spec.num_heads, "seq", "seq"])
+    for i in range(spec.encoder_layers):
+        p = f"encoder.{i}"
+        h = b.norm(x, f"{p}.attn_norm")
+        q, k, v = (b.linear(h, f"{p}.attn_{w}") for w in ("q", "k", "v"))
+        a = b.attention(q, k, v, key_padding_mask=mask, attention_bias=bias)
+        x = b.node("Add", [x, b.linear(a, f"{p}.attn_o")])
+        x = b.node("Add", [x, b.feed_forward(b.norm(x, f"{p}.ff_norm"), p)])
+    hidden = b.norm(x, "encoder.final_norm")
+    for i in range(spec.decoder_layers):
+        for kind in ("key", "value"):
+            projected = b.linear(hidden, f"decoder.{i}.cross_{kind[0]}")
+            b.output(
+                b.heads(projected), f"cross_{kind}.{i}", TensorProto.FLOAT, ["batch", spec.num_heads, "seq", spec.d_kv]
+            )
+    return b
+
+
+def decoder_graph(spec: ModelSpec, weights: Dict[str, np.ndarray]) -> Builder:
+    """Decoder blocks over R rows sharing the cross K/V of B queries, then the LM head and value at ``select``."""
+    b = Builder("t5vh_decoder", weights, spec)
+    H, dkv = spec.num_heads, spec.d_kv
+    x = b.input("inputs_embeds", TensorProto.FLOAT, ["rows", "steps", spec.d_model])
+    bias = b.input("position_bias", TensorProto.FLOAT, [1, H, "steps", "total"])
+    enc_mask = b.input("encoder_mask", TensorProto.INT32, ["batch", "seq"])
+    cross = []
+    for i in range(spec.decoder_layers):
+        k = b.input(f"cross_key.{i}", TensorProto.FLOAT, ["batch", H, "seq", dkv])
+        v = b.input(f"cross_value.{i}", TensorProto.FLOAT, ["batch", H, "seq", dkv])
+        cross.append((k, v))
+    past = []  # one buffer per layer and kind, as long as the whole response: the step writes at past_length
+    for i in range(spec.decoder_layers):
+        k = b.input(f"past_key.{i}", TensorProto.FLOAT, ["rows", H, "capacity", dkv])
+        v = b.input(f"past_value.{i}", TensorProto.FLOAT, ["rows", H, "capacity", dkv])
+        past.append((k, v))
+    past_length = b.input("past_length", TensorProto.INT32, [1])
+    select = b.input("select", TensorProto.INT64, ["picked"])
+    # the N samples of a query attend to its keys/values as N x T query positions of one row
+    group_shape = b.node("Concat", [b.node("Shape", [enc_mask], start=0, end=1), b.const([-1, spec.inner])], axis=0)
+    for i in range(spec.decoder_layers):
+        p = f"decoder.{i}"
+        h = b.norm(x, f"{p}.self_norm")
+        q, k, v = (b.linear(h, f"{p}.self_{w}") for w in ("q", "k", "v"))
+        a, present_k, present_v = b.attention(
+            q, k, v, attention_bias=bias, past_key=past[i][0], past_value=past[i][1], past_sequence_length=past_length
+        )
+        b.output(present_k, f"present_key.{i}", TensorProto.FLOAT, ["rows", H, "capacity", dkv])
+        b.output(present_v, f"present_value.{i}", TensorProto.FLOAT, ["rows", H, "capacity", dkv])
+        x = b.node("Add", [x, b.linear(a, f"{p}.self_o")])
+        h = b.norm(x, f"{p}.cross_norm")
+        q = b.linear(h, f"{p}.cross_q")
+        grouped = b.node("Reshape", [q, group_shape])
+        a = b.attention(grouped, cross[i][0], cross[i][1], key_padding_mask=enc_mask)
+        a = b.node("Reshape", [a, b.node("Shape", [q])])
+        x = b.node("Add", [x, b.linear(a, f"{p}.cross_o")])
+        x = b.node("Add", [x, b.feed_forward(b.norm(x, f"{p}.ff_norm"), p)])
+    hidden = b.norm(x, "decoder.final_norm")
+    flat = b.node("Reshape", [hidden, b.const([-1, spec.d_model])])
+    picked = b.node("Gather", [flat, select], axis=0)
+    b.output(b.linear(picked, "lm_head"), "logits", TensorProto.FLOAT, ["picked", spec.vocab_size])
+    value = b.node("Add", [b.node("MatMul", [picked, b.weight("value_weight")]), b.weight("value_bias")])
+    b.output(b.node("Squeeze", [value, b.const([1])]), "value", TensorProto.FLOAT, ["picked"])
+    return b
+
+
+def save(builder: Builder, path: Path) -> List[str]:
+    """Write ``path`` (the graph) and ``path.data`` (its weights); returns the two file names."""
+    model = builder.model()
+    data_name = f"{path.name}.data"
+    offset = 0
+    with open(path.parent / data_name, "wb") as data:
+        for tensor in model.graph.initializer:
+            if tensor.data_location != TensorProto.EXTERNAL:
+                continue
+            raw = np.ascontiguousarray(builder.weights[tensor.name]).tobytes()
+            pad = (-offset) % ALIGN
+            data.write(b"\0" * pad)
+            offset += pad
+            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+            data.write(raw)
+            offset += len(raw)
+    onnx.save(model, str(path))
+    return [path.name, data_name]

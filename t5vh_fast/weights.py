@@ -1,0 +1,330 @@
+"""The tensors the ``single`` decoder layout runs on, computed from a checkpoint's parameters.
+
+One plan (``tensor_plan``) says, for every tensor, which checkpoint
+parameter(s) it comes from and how: copied, transposed (ONNX ``MatMul`` wants
+``in x out``), the tied LM head scaled by ``d_model ** -0.5``, the value head of
+the ``logits`` layout folded into one vector on the last hidden state, and in
+``int8`` every matrix quantized per output column. The exporter writes these
+tensors; ``OnnxPolicy.update_weights`` recomputes them from new weights with the
+same code, so a refresh gives what a fresh export of the same weights gives.
+
+NumPy only: the runtime imports this without torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Tuple
+
+import numpy as np
+
+from .errors import ExportError, InputError, NonFiniteError
+
+PRECISIONS = ("fp32", "int8", "fp16", "bf16")
+# Value-head layouts, named after what the head reads. "logits": Linear(vocab_size, 1) on the LM logits
+# (the layout of the value-head notebook this package started from); "hidden": Linear(d_model, 1) on
+# the last decoder hidden state (TRL's layout). The old names "seed" and "trl" are accepted everywhere.
+HEAD_LAYOUTS = ("logits", "hidden")
+HEAD_LAYOUT_ALIASES = {"seed": "logits", "trl": "hidden"}
+# The checkpoint keys of each layout's head (the checkpoint format, so they keep their historic names).
+HEAD_KEYS = {
+    "logits": ("v_head.state_representation.weight", "v_head.state_representation.bias"),
+    "hidden": ("v_head.summary.weight", "v_head.summary.bias"),
+}
+ACTIVATIONS = ("relu", "gelu", "gelu_new", "gelu_pytorch_tanh", "silu")
+# Names under which a checkpoint may hold the shared embedding besides "shared.weight"
+# (model.state_dict() repeats tied weights under every alias; a saved file keeps one).
+EMBEDDING_ALIASES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+
+
+def canonical_head_layout(name: str) -> str:
+    """``"logits"`` or ``"hidden"`` for a layout name, old names included; ``InputError`` otherwise."""
+    layout = HEAD_LAYOUT_ALIASES.get(name, name)
+    if layout not in HEAD_LAYOUTS:
+        choices = ", ".join(repr(n) for n in (*HEAD_LAYOUTS, *HEAD_LAYOUT_ALIASES))
+        raise InputError(f"value head layout must be one of {choices}, got {name!r}")
+    return layout
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The numbers of a T5 model that shape its graphs (from its ``config.json``)."""
+
+    d_model: int  # width of the residual stream
+    d_kv: int  # width of one attention head
+    num_heads: int  # attention heads per layer
+    encoder_layers: int  # encoder blocks
+    decoder_layers: int  # decoder blocks
+    d_ff: int  # width of the feed-forward layer
+    vocab_size: int  # rows of the embedding and columns of the LM head
+    activation: str  # feed-forward activation: relu, gelu, gelu_new (tanh), gelu_pytorch_tanh, silu
+    gated: bool  # gated feed-forward (T5 v1.1, mT5: act(x wi_0) * (x wi_1))
+    tied: bool  # LM head tied to the embedding (T5 v1.0: the decoder output is scaled by d_model**-0.5)
+    head_layout: str  # value head: "logits" (Linear(vocab, 1) on the logits) or "hidden" (Linear(d_model, 1))
+    eps: float  # RMS-norm epsilon
+    num_buckets: int  # relative-position buckets
+    max_distance: int  # relative distance at which the buckets saturate
+
+    @property
+    def inner(self) -> int:
+        """Width of all heads together (q, k, v projections)."""
+        return self.num_heads * self.d_kv
+
+    @classmethod
+    def from_config(cls, config: Mapping) -> ModelSpec:
+        """The spec of a T5 ``config.json`` (as a dict)."""
+        proj = config.get("feed_forward_proj", "relu")
+        parts = proj.split("-")
+        gated = parts[0] == "gated" and len(parts) == 2
+        activation = "gelu_new" if proj == "gated-gelu" else parts[-1]
+        if activation not in ACTIVATIONS or len(parts) > 2:
+            raise ExportError(
+                f"feed_forward_proj={proj!r} is not supported; t5vh_fast runs relu, gelu, gelu_new and silu "
+                "feed-forward layers, gated or not"
+            )
+        return cls(
+            d_model=int(config["d_model"]),
+            d_kv=int(config["d_kv"]),
+            num_heads=int(config["num_heads"]),
+            encoder_layers=int(config["num_layers"]),
+            decoder_layers=int(config.get("num_decoder_layers") or config["num_layers"]),
+            d_ff=int(config["d_ff"]),
+            vocab_size=int(config["vocab_size"]),
+            activation=activation,
+            gated=gated,
+            tied=bool(config.get("tie_word_embeddings", True)),
+            head_layout=canonical_head_layout(config.get("value_head_layout", "logits")),
+            eps=float(config.get("layer_norm_epsilon", 1e-6)),
+            num_buckets=int(config.get("relative_attention_num_buckets", 32)),
+            max_distance=int(config.get("relative_attention_max_distance", 128)),
+        )
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """One tensor of the single layout and where it comes from."""
+
+    name: str  # its name in its graph (or in the host tables)
+    place: str  # "encoder" or "decoder" (an ONNX graph), or "host" (kept in NumPy by the runtime)
+    sources: Tuple[str, ...]  # the checkpoint parameters it is computed from
+    transform: str  # how: "copy", "transpose", "lm_head", "value_weight", "value_bias"
+    quantized: bool = False  # int8: stored as NAME (int8, in x out) and NAME.scale (float32, per output column)
+
+
+def _block(stack: str, i: int, j: int, name: str) -> str:
+    return f"{stack}.block.{i}.layer.{j}.{name}"
+
+
+def _ffn(stack: str, i: int, j: int, spec: ModelSpec) -> List[Tuple[str, str]]:
+    """(tensor suffix, parameter) pairs of a feed-forward sublayer."""
+    names = ["wi_0", "wi_1", "wo"] if spec.gated else ["wi", "wo"]
+    return [(name, _block(stack, i, j, f"DenseReluDense.{name}.weight")) for name in names]
+
+
+def tensor_plan(spec: ModelSpec, precision: str = "fp32") -> List[Tensor]:
+    """Every tensor of the single layout, in a fixed order."""
+    if precision not in PRECISIONS:
+        raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    q = precision == "int8"
+    plan = [
+        Tensor("embedding", "host", ("shared.weight",), "copy"),
+        Tensor(
+            "encoder_position_bias",
+            "host",
+            ("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",),
+            "copy",
+        ),
+        Tensor(
+            "decoder_position_bias",
+            "host",
+            ("decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",),
+            "copy",
+        ),
+    ]
+    for i in range(spec.encoder_layers):
+        p = f"encoder.{i}"
+        plan.append(Tensor(f"{p}.attn_norm", "encoder", (_block("encoder", i, 0, "layer_norm.weight"),), "copy"))
+        for w in ("q", "k", "v", "o"):
+            plan.append(
+                Tensor(
+                    f"{p}.attn_{w}", "encoder", (_block("encoder", i, 0, f"SelfAttention.{w}.weight"),), "transpose", q
+                )
+            )
+        plan.append(Tensor(f"{p}.ff_norm", "encoder", (_block("encoder", i, 1, "layer_norm.weight"),), "copy"))
+        for name, param in _ffn("encoder", i, 1, spec):
+            plan.append(Tensor(f"{p}.ff_{name}", "encoder", (param,), "transpose", q))
+    plan.append(Tensor("encoder.final_norm", "encoder", ("encoder.final_layer_norm.weight",), "copy"))
+    for i in range(spec.decoder_layers):  # the cross-attention keys and values are computed with the encoder
+        for w in ("k", "v"):
+            param = _block("decoder", i, 1, f"EncDecAttention.{w}.weight")
+            plan.append(Tensor(f"decoder.{i}.cross_{w}", "encoder", (param,), "transpose", q))
+    for i in range(spec.decoder_layers):
+        p = f"decoder.{i}"
+        plan.append(Tensor(f"{p}.self_norm", "decoder", (_block("decoder", i, 0, "layer_norm.weight"),), "copy"))
+        for w in ("q", "k", "v", "o"):
+            param = _block("decoder", i, 0, f"SelfAttention.{w}.weight")
+            plan.append(Tensor(f"{p}.self_{w}", "decoder", (param,), "transpose", q))
+        plan.append(Tensor(f"{p}.cross_norm", "decoder", (_block("decoder", i, 1, "layer_norm.weight"),), "copy"))
+        for w in ("q", "o"):
+            param = _block("decoder", i, 1, f"EncDecAttention.{w}.weight")
+            plan.append(Tensor(f"{p}.cross_{w}", "decoder", (param,), "transpose", q))
+        plan.append(Tensor(f"{p}.ff_norm", "decoder", (_block("decoder", i, 2, "layer_norm.weight"),), "copy"))
+        for name, param in _ffn("decoder", i, 2, spec):
+            plan.append(Tensor(f"{p}.ff_{name}", "decoder", (param,), "transpose", q))
+    plan.append(Tensor("decoder.final_norm", "decoder", ("decoder.final_layer_norm.weight",), "copy"))
+    lm_source = ("shared.weight",) if spec.tied else ("lm_head.weight",)
+    plan.append(Tensor("lm_head", "decoder", lm_source, "lm_head", q))
+    head = HEAD_KEYS[spec.head_layout][0].rsplit(".", 1)[0]
+    value_sources = (lm_source + (f"{head}.weight",)) if spec.head_layout == "logits" else (f"{head}.weight",)
+    plan.append(Tensor("value_weight", "decoder", value_sources, "value_weight"))
+    plan.append(Tensor("value_bias", "decoder", (f"{head}.bias",), "value_bias"))
+    return plan
+
+
+def expected_shapes(spec: ModelSpec) -> Dict[str, Tuple[int, ...]]:
+    """The shape of every checkpoint parameter the plan reads."""
+    d, inner, ff, vocab = spec.d_model, spec.inner, spec.d_ff, spec.vocab_size
+    shapes = {"shared.weight": (vocab, d)}
+    if not spec.tied:
+        shapes["lm_head.weight"] = (vocab, d)
+    for stack, layers in (("encoder", spec.encoder_layers), ("decoder", spec.decoder_layers)):
+        shapes[f"{stack}.final_layer_norm.weight"] = (d,)
+        shapes[_block(stack, 0, 0, "SelfAttention.relative_attention_bias.weight")] = (spec.num_buckets, spec.num_heads)
+        for i in range(layers):
+            attentions = ["SelfAttention"] + (["EncDecAttention"] if stack == "decoder" else [])
+            for j, attention in enumerate(attentions):
+                shapes[_block(stack, i, j, "layer_norm.weight")] = (d,)
+                for w in ("q", "k", "v"):
+                    shapes[_block(stack, i, j, f"{attention}.{w}.weight")] = (inner, d)
+                shapes[_block(stack, i, j, f"{attention}.o.weight")] = (d, inner)
+            j = len(attentions)
+            shapes[_block(stack, i, j, "layer_norm.weight")] = (d,)
+            for name, param in _ffn(stack, i, j, spec):
+                shapes[param] = (d, ff) if name == "wo" else (ff, d)
+    head_in = vocab if spec.head_layout == "logits" else d
+    head = HEAD_KEYS[spec.head_layout][0].rsplit(".", 1)[0]
+    shapes[f"{head}.weight"] = (1, head_in)
+    shapes[f"{head}.bias"] = (1,)
+    return shapes
+
+
+def compute(tensor: Tensor, params: Mapping[str, np.ndarray], spec: ModelSpec) -> Dict[str, np.ndarray]:
+    """The array(s) of ``tensor`` from checked float32 ``params``: ``{name: array}`` (plus ``name.scale`` for int8)."""
+    w = params[tensor.sources[0]]
+    if tensor.transform == "copy":
+        out = w
+    elif tensor.transform == "transpose":
+        out = w.T
+    elif tensor.transform == "lm_head":
+        out = w.T * np.float32(spec.d_model**-0.5) if spec.tied else w.T
+    elif tensor.transform == "value_weight":
+        if spec.head_layout == "logits":  # value = logits . v + b = h . (W_lm v) + b: one vector on the hidden state
+            lm = _lm_head(params, spec)
+            out = (lm.astype(np.float64) @ params[tensor.sources[-1]][0].astype(np.float64))[:, None]
+        else:
+            out = w.T
+    elif tensor.transform == "value_bias":
+        out = w.reshape(1)
+    else:
+        raise ValueError(f"unknown transform {tensor.transform!r}")  # a bug in the plan, not user input
+    out = np.ascontiguousarray(out, dtype=np.float32)
+    if tensor.quantized:
+        quantized, scale = quantize_int8(out)
+        return {tensor.name: quantized, f"{tensor.name}.scale": scale}
+    return {tensor.name: out}
+
+
+def _lm_head(params: Mapping[str, np.ndarray], spec: ModelSpec) -> np.ndarray:
+    source = params["shared.weight"] if spec.tied else params["lm_head.weight"]
+    return source.T * np.float32(spec.d_model**-0.5) if spec.tied else source.T
+
+
+def quantize_int8(w: np.ndarray):
+    """Per-output-column symmetric int8, as onnxruntime's ``quantize_dynamic(per_channel=True)``.
+
+    ``w`` is ``in x out``; returns ``(int8 in x out, float32 scale per column)``
+    with ``w ~ q * scale``.
+    """
+    absmax = np.maximum(-np.minimum(w.min(axis=0), 0), np.maximum(w.max(axis=0), 0))
+    scale = (absmax.astype(np.float32) * np.float32(2.0 / 254.0)).astype(np.float32)
+    scale[scale == 0] = 1.0
+    q = np.clip(np.round(w / scale), -128, 127).astype(np.int8)
+    return q, scale
+
+
+def checkpoint_params(weights, spec: ModelSpec) -> Dict[str, np.ndarray]:
+    """Checked float32 NumPy copies of the parameters the plan reads.
+
+    ``weights``: a state dict (torch tensors or NumPy arrays) with the
+    checkpoint's parameter names, as ``model.state_dict()`` gives it (tied
+    weights under every alias) or as a saved ``model.safetensors`` holds it
+    (tied weights under one name); or a model with ``state_dict()``. Every
+    name, shape and value is checked before anything is returned: a missing,
+    extra or misshapen parameter raises ``InputError`` naming it, a NaN or inf
+    raises ``NonFiniteError``.
+    """
+    if hasattr(weights, "state_dict") and callable(weights.state_dict):
+        weights = weights.state_dict()
+    if not isinstance(weights, Mapping):
+        raise InputError(f"weights must be a state dict or a model, got {type(weights).__name__}")
+    shapes = expected_shapes(spec)
+    given = {str(k): v for k, v in weights.items()}
+    aliases = [a for a in EMBEDDING_ALIASES if a in given]
+    if spec.tied and "lm_head.weight" in given:
+        aliases.append("lm_head.weight")
+    if "shared.weight" not in given and aliases:
+        given["shared.weight"] = given[aliases[0]]
+    missing = [name for name in shapes if name not in given]
+    if missing:
+        raise InputError(
+            f"weights lack {missing[0]}"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            + ": pass the full state dict of a model of this export's architecture"
+        )
+    extra = [name for name in given if name not in shapes and name not in aliases]
+    if extra:
+        raise InputError(
+            f"weights have a parameter {extra[0]!r} that this export's model does not have"
+            + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+            + ": is it a model of another architecture or head layout?"
+        )
+    params = {}
+    for name, shape in shapes.items():
+        array = _as_float32(given[name], name)
+        if array.shape != shape:
+            raise InputError(f"parameter {name} has shape {array.shape}, this export's model needs {shape}")
+        if not np.isfinite(array).all():
+            raise NonFiniteError(f"parameter {name} holds NaN or inf values: refusing to load broken weights")
+        params[name] = array
+    for alias in aliases:
+        if not np.array_equal(_as_float32(given[alias], alias), params["shared.weight"]):
+            raise InputError(f"{alias} differs from shared.weight, but this export's model ties them")
+    return params
+
+
+def _as_float32(value, name: str) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor: no torch import needed
+        value = value.detach().cpu()
+        if str(value.dtype) == "torch.bfloat16":
+            value = value.float()
+        value = value.numpy()
+    try:
+        return np.ascontiguousarray(value, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise InputError(f"parameter {name} is not an array of numbers ({type(value).__name__})") from None
+
+
+def plan_arrays(params: Mapping[str, np.ndarray], spec: ModelSpec, precision: str) -> Dict[str, Dict[str, np.ndarray]]:
+    """``{place: {tensor name: array}}`` for every tensor of the plan."""
+    out: Dict[str, Dict[str, np.ndarray]] = {"host": {}, "encoder": {}, "decoder": {}}
+    for tensor in tensor_plan(spec, precision):
+        out[tensor.place].update(compute(tensor, params, spec))
+    return out
+
+
+def plan_record(spec: ModelSpec, precision: str) -> Dict[str, dict]:
+    """The plan as JSON for the manifest: tensor -> {place, sources, transform, int8}."""
+    return {
+        t.name: {"place": t.place, "sources": list(t.sources), "transform": t.transform, "int8": t.quantized}
+        for t in tensor_plan(spec, precision)
+    }
