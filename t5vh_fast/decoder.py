@@ -13,6 +13,7 @@ host as NumPy arrays. No torch here.
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,21 +104,24 @@ class OnnxDecoder(ABC):
         self.device = "cuda" if self.providers[0] in (CUDA, TENSORRT) else "cpu"
         self.graphs = [Graph(s, self.device) for s in sessions]
 
-    def _sessions(self, provider_list: List[str], threads: Optional[int], initializers=None) -> list:
-        initializers = initializers or {}
-        return [
-            make_session(self.root / name, provider_list, threads, initializers=initializers.get(name))
+    def _sessions(self, provider_list: List[str], threads: Optional[int]) -> list:
+        return [make_session(self.root / name, provider_list, threads) for name in self.files]
+
+    def with_weights(self, arrays: Dict[str, Dict[str, np.ndarray]]) -> OnnxDecoder:
+        """A new decoder on the same files whose named tensors are replaced: ``{graph file: {name: array}}``.
+
+        The new sessions are built beside the old ones; this decoder is not
+        changed, so a failure leaves it running on its old weights, and a rollout
+        that started on it finishes on it.
+        """
+        new = copy.copy(self)
+        new.graphs = [
+            Graph(
+                make_session(self.root / name, self.providers, self.threads, initializers=arrays.get(name)), self.device
+            )
             for name in self.files
         ]
-
-    def replace_weights(self, initializers: Dict[str, Dict[str, np.ndarray]]) -> None:
-        """New sessions whose named initializers (``{graph file: {name: array}}``) replace the stored ones.
-
-        All new sessions are built before any is swapped in: if one fails, the
-        decoder keeps running on its old weights.
-        """
-        sessions = self._sessions(self.providers, self.threads, initializers)
-        self.graphs = [Graph(s, self.device) for s in sessions]
+        return new
 
     def to_device(self, array: np.ndarray) -> ort.OrtValue:
         return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0)
@@ -248,10 +252,12 @@ class SingleDecoder(OnnxDecoder):
         self._present = [f"present_{kind}.{i}" for i in layers for kind in ("key", "value")]
         self._encoder_bias = {}
 
-    def set_host_tables(self, tables: Dict[str, np.ndarray]) -> None:
-        """Swap in new embedding / position-bias tables (a weight refresh)."""
-        self.host = {**self.host, **tables}
-        self._encoder_bias = {}
+    def with_weights(self, arrays):
+        """As ``OnnxDecoder.with_weights``; ``arrays["host"]`` replaces the NumPy tables."""
+        new = super().with_weights(arrays)
+        new.host = {**self.host, **arrays.get("host", {})}
+        new._encoder_bias = {}
+        return new
 
     def encode(self, ids, mask, *, num_samples=1, capacity=0):
         feeds = {

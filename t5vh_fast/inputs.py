@@ -109,22 +109,41 @@ def as_token_batch(
 
 
 def check_response_batch(responses, response_mask, *, queries: int, vocab_size: int):
-    """``(responses, response_mask)`` as B x T int64 arrays, one response per query."""
+    """``(responses, response_mask, num_samples)``: R x T int64 arrays, R = queries x num_samples.
+
+    R may be any multiple of the number of queries: the responses are then
+    grouped query-major (all of query 0's, then query 1's, ...).
+    """
     resp, resp_mask = as_token_batch(
         responses, response_mask, vocab_size=vocab_size, name="response_ids", mask_name="response_mask"
     )
-    if resp.shape[0] != queries:
-        raise InputError(f"{queries} queries but {resp.shape[0]} responses: one response per query")
-    return resp, resp_mask
+    if resp.shape[0] % queries:
+        raise InputError(
+            f"{queries} queries but {resp.shape[0]} responses: pass one response per query, or the same number "
+            "of responses for every query, grouped query-major"
+        )
+    return resp, resp_mask, resp.shape[0] // queries
 
 
-def check_uniforms(uniforms, batch: int, txt_len: int) -> Optional[np.ndarray]:
-    """The caller's ``B x txt_len`` uniforms as float64, each in [0, 1)."""
+def check_num_samples(num_samples) -> None:
+    """``num_samples``: responses per query, an integer >= 1."""
+    if not _is_int(num_samples) or num_samples < 1:
+        raise InputError(f"num_samples must be an integer >= 1 (responses per query), got {num_samples!r}")
+
+
+def check_uniforms(uniforms, batch: int, txt_len: int, num_samples: int = 1) -> Optional[np.ndarray]:
+    """The caller's ``(B x num_samples) x txt_len`` uniforms as float64, each in [0, 1)."""
     if uniforms is None:
         return None
     u = np.asarray(uniforms, dtype=np.float64)
-    if u.shape != (batch, txt_len):
-        raise InputError(f"uniforms must have shape (batch, txt_len) = {(batch, txt_len)}, got {u.shape}")
+    rows = batch * num_samples
+    if u.ndim == 2 and u.shape[0] != rows and u.shape[1] == txt_len:
+        raise InputError(
+            f"uniforms has {u.shape[0]} rows, but {batch} queries x {num_samples} samples = {rows} responses "
+            "are sampled: pass one row of uniforms per response"
+        )
+    if u.shape != (rows, txt_len):
+        raise InputError(f"uniforms must have shape (responses, txt_len) = {(rows, txt_len)}, got {u.shape}")
     if not ((u >= 0.0) & (u < 1.0)).all():
         raise InputError("uniforms must lie in [0, 1)")
     return u

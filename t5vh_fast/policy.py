@@ -11,10 +11,11 @@ import numpy as np
 from .decoder import OnnxDecoder, graph_files, open_decoder
 from .errors import ExportError, PathNotFound
 from .inputs import as_token_batch, check_response_batch, pad_batch
-from .manifest import check_files, default_layout, layouts, read_manifest
+from .manifest import DECODER_GRAPH, ENCODER_GRAPH, check_files, default_layout, layouts, read_manifest
 from .results import Rollout, Scores
 from .rollout import respond
 from .scoring import score as _score
+from .weights import ModelSpec, checkpoint_params, place_arrays, plan_record, weights_digest
 
 
 class OnnxPolicy:
@@ -29,6 +30,11 @@ class OnnxPolicy:
         self.decoder_start_token_id = int(config.get("decoder_start_token_id", 0) or 0)
         self.eos_token_id = config.get("eos_token_id", 1)
         self.pad_token_id = int(config.get("pad_token_id", 0) or 0)
+        self.config = config
+        # the precision of every number this policy computes ("fp32", "int8", ...)
+        self.precision = manifest.get("precision", "fp32")
+        # which weights are running: the exported ones until update_weights replaces them
+        self.weights_version = _export_version(manifest, graph_files(decoder.layout))
         self._tokenizer = None
 
     @property
@@ -56,6 +62,7 @@ class OnnxPolicy:
         txt_len: int = 20,
         top_k: int = 0,
         top_p: float = 1.0,
+        num_samples: int = 1,
         seed: Optional[int] = None,
         uniforms=None,
         callback: Optional[Callable[[int, np.ndarray], None]] = None,
@@ -68,17 +75,25 @@ class OnnxPolicy:
         (0 = off) then ``top_p`` (1.0 = off), draws one token by inverse CDF and
         appends it; no early stop at EOS, no EOS masking, no padding.
 
+        ``num_samples`` responses are drawn per query (R = B x num_samples rows,
+        query-major: all samples of query 0, then of query 1, ...;
+        ``Rollout.query_index`` maps rows back to queries). The encoder runs once
+        per query and its keys/values are shared by the query's samples; the
+        numbers equal those of the query batch repeated ``num_samples`` times.
+
         Randomness: ``seed`` (an integer >= 0) makes
         ``numpy.random.Generator(PCG64(seed))``, which draws one float64 uniform
-        per row per step, rows in order; ``uniforms`` (B x txt_len, in [0, 1))
-        replaces the generator. With the same uniforms the PyTorch reference
+        per response row per step, rows in order (the same draws as for the
+        repeated batch); ``uniforms`` (R x txt_len, in [0, 1)) replaces the
+        generator. With the same uniforms the PyTorch reference
         (``T5HeadWithValueModel.respond_to_batch``) picks the same tokens.
         ``callback(t, tokens)`` is called after every step (for progress or timing).
 
         Returns a ``Rollout``: ``tokens``, ``logprobs`` (unfiltered), ``values``
-        and, with filtering, ``sampling_logprobs``; all B x txt_len NumPy arrays.
-        Raises ``InputError`` (a ``ValueError``) for bad input and
-        ``NonFiniteError`` when the logits hold NaN or inf.
+        and, with filtering, ``sampling_logprobs``, all R x txt_len NumPy arrays,
+        plus ``query_index``, ``precision`` and ``weights_version``. Raises
+        ``InputError`` (a ``ValueError``) for bad input and ``NonFiniteError``
+        when the logits hold NaN or inf.
         """
         ids, mask = as_token_batch(query_ids, attention_mask, vocab_size=self.vocab_size)
         return respond(
@@ -89,24 +104,80 @@ class OnnxPolicy:
             txt_len=txt_len,
             top_k=top_k,
             top_p=top_p,
+            num_samples=num_samples,
             seed=seed,
             uniforms=uniforms,
             callback=callback,
+            precision=self.precision,
+            weights_version=self.weights_version,
         )
 
     def score(self, query_ids, response_ids, attention_mask=None, response_mask=None) -> Scores:
         """Teacher-forced log-probs, values and entropy of given responses.
 
         ``query_ids``/``attention_mask`` as in ``respond_to_batch``;
-        ``response_ids`` B x T right-padded, ``response_mask`` B x T (all ones
-        when omitted). Returns ``Scores`` (B x T NumPy arrays, 0 where masked).
-        On tokens a rollout sampled, the numbers equal the rollout's.
+        ``response_ids`` R x T right-padded, ``response_mask`` R x T (all ones
+        when omitted). R is B, or a multiple of it for several responses per
+        query grouped query-major (as ``respond_to_batch(..., num_samples=N)``
+        returns them): the encoder then runs once per query. Returns ``Scores``
+        (R x T NumPy arrays, 0 where masked). On tokens a rollout sampled, the
+        numbers equal the rollout's.
         """
         ids, mask = as_token_batch(query_ids, attention_mask, vocab_size=self.vocab_size)
-        resp, resp_mask = check_response_batch(
+        resp, resp_mask, num_samples = check_response_batch(
             response_ids, response_mask, queries=ids.shape[0], vocab_size=self.vocab_size
         )
-        return _score(self.decoder, ids, mask, resp, resp_mask, decoder_start_token_id=self.decoder_start_token_id)
+        return _score(
+            self.decoder,
+            ids,
+            mask,
+            resp,
+            resp_mask,
+            decoder_start_token_id=self.decoder_start_token_id,
+            num_samples=num_samples,
+            precision=self.precision,
+            weights_version=self.weights_version,
+        )
+
+    # ------------------------------------------------------------------ weights
+
+    def update_weights(self, weights, *, version: Optional[str] = None) -> str:
+        """Run on new weights from now on, without re-exporting; returns the new ``weights_version``.
+
+        ``weights``: a ``T5HeadWithValueModel`` or a state dict (torch tensors
+        or NumPy arrays) with the checkpoint's parameter names, as
+        ``model.state_dict()`` gives it (tied weights under every alias) or as
+        a saved ``model.safetensors`` holds it. Every name, shape and value is
+        checked first: a missing, extra or misshapen parameter, another
+        vocabulary or a NaN raises a ``T5vhError`` naming it and changes
+        nothing. The new weights are transformed exactly as the exporter did
+        (transposes, the tied LM head's scale, the folded value head, int8
+        quantization) and loaded into new sessions; afterwards every number
+        equals that of a fresh export of the same weights. Calls already running
+        finish on the old weights. ``version``: a name for the new weights
+        (default: a hash of them).
+        """
+        layout = self.decoder.layout
+        recorded = self.manifest.get("weights", {}).get(layout)
+        if recorded is None:
+            raise ExportError(
+                f"{self.root} holds no weight map for decoder={layout!r} (it was exported by an older t5vh_fast, or "
+                "that layout cannot be refreshed): re-export it with this version's `t5vh-export` and load it with "
+                "decoder='single'"
+            )
+        spec = ModelSpec.from_config(self.config)
+        if plan_record(spec, self.precision) != recorded:
+            raise ExportError(
+                f"{self.root} was exported with another weight layout than this t5vh_fast computes: re-export it"
+            )
+        params = checkpoint_params(weights, spec)
+        arrays = {
+            name: place_arrays(params, spec, self.precision, place)
+            for name, place in (("host", "host"), (ENCODER_GRAPH, "encoder"), (DECODER_GRAPH, "decoder"))
+        }
+        self.decoder = self.decoder.with_weights(arrays)
+        self.weights_version = version if version is not None else weights_digest(params)
+        return self.weights_version
 
     # ------------------------------------------------------------------ text
 
@@ -125,6 +196,15 @@ class OnnxPolicy:
         """Text in, text out: ``respond_to_batch`` on the tokenized texts, decoded."""
         ids, mask = self.encode_text(texts)
         return self.decode_text(self.respond_to_batch(ids, mask, **options).tokens)
+
+
+def _export_version(manifest: dict, files) -> str:
+    """The version of an export's weights: a hash of the hashes of the files the layout reads."""
+    import hashlib
+
+    listed = manifest.get("files", {})
+    joined = "".join(f"{name}:{listed.get(name, '')};" for name in sorted(files))
+    return hashlib.blake2b(joined.encode(), digest_size=8).hexdigest()
 
 
 def load(

@@ -14,7 +14,14 @@ from typing import Optional
 import torch
 
 from .errors import NonFiniteError
-from .inputs import as_token_batch, check_response_batch, check_sampling_options, check_uniforms, resolve_txt_len
+from .inputs import (
+    as_token_batch,
+    check_num_samples,
+    check_response_batch,
+    check_sampling_options,
+    check_uniforms,
+    resolve_txt_len,
+)
 from .results import Rollout, Scores
 
 # ---------------------------------------------------------------------- sampling math (torch)
@@ -80,6 +87,7 @@ def respond(
     max_length: Optional[int] = None,
     top_k: int = 0,
     top_p: float = 1.0,
+    num_samples: int = 1,
     uniforms=None,
     generator: Optional[torch.Generator] = None,
     use_cache: bool = True,
@@ -93,6 +101,9 @@ def respond(
     token by inverse CDF from ``uniforms[:, t]`` (B x txt_len float64 in [0, 1))
     or from ``generator``, and appends it. Never stops at EOS, never masks EOS,
     never pads. ``max_length`` is the old name of ``txt_len`` (default 20).
+    ``num_samples`` responses are drawn per query, query-major (the reference
+    simply repeats each query; the runtime shares its encoder pass), with one
+    row of ``uniforms`` per response.
     ``use_cache=False`` re-runs the whole model on the growing sequence every
     step (the slow original loop, kept as a baseline).
 
@@ -102,9 +113,11 @@ def respond(
     """
     txt_len = resolve_txt_len(txt_len, max_length)
     check_sampling_options(txt_len, top_k, top_p)
-    ids, mask = _batch(model, queries, attention_mask)
+    check_num_samples(num_samples)
+    query_ids, query_mask = _batch(model, queries, attention_mask)
+    ids, mask = query_ids.repeat_interleave(num_samples, 0), query_mask.repeat_interleave(num_samples, 0)
     batch = ids.shape[0]
-    u = check_uniforms(uniforms, batch, txt_len)
+    u = check_uniforms(uniforms, query_ids.shape[0], txt_len, num_samples)
     if u is None:
         u_t = torch.rand(batch, txt_len, dtype=torch.float64, generator=generator)
     else:
@@ -146,8 +159,10 @@ def respond(
         tokens=tokens,
         logprobs=logprobs,
         values=values,
-        attention_mask=mask,
+        attention_mask=query_mask,
         sampling_logprobs=sampling_logprobs if filtering else None,
+        query_index=torch.arange(query_ids.shape[0]).repeat_interleave(num_samples),
+        precision=_precision(model),
     )
 
 
@@ -155,13 +170,16 @@ def respond(
 def score(model, queries, responses, attention_mask=None, response_mask=None) -> Scores:
     """Teacher-forced log-probs, values and entropy of given responses, in one forward pass.
 
-    ``responses``: B x T right-padded token ids, ``response_mask`` B x T (all
-    ones when omitted). Returns ``Scores`` of torch tensors, 0 where masked.
+    ``responses``: R x T right-padded token ids, ``response_mask`` R x T (all
+    ones when omitted); R may be a multiple of the B queries (the responses of
+    each query together, query-major). Returns ``Scores`` of torch tensors, 0
+    where masked.
     """
     ids, mask = _batch(model, queries, attention_mask)
-    resp, resp_mask = check_response_batch(
+    resp, resp_mask, num_samples = check_response_batch(
         _to_numpy(responses), _to_numpy(response_mask), queries=ids.shape[0], vocab_size=model.config.vocab_size
     )
+    ids, mask = ids.repeat_interleave(num_samples, 0), mask.repeat_interleave(num_samples, 0)
     resp, resp_mask = torch.from_numpy(resp), torch.from_numpy(resp_mask)
     out = model(input_ids=ids, attention_mask=mask, decoder_input_ids=model._shift_right(resp))
     logits = out.logits.float()
@@ -175,7 +193,13 @@ def score(model, queries, responses, attention_mask=None, response_mask=None) ->
         values=out.value.float() * keep,
         entropy=entropy * keep,
         response_mask=resp_mask,
+        precision=_precision(model),
     )
+
+
+def _precision(model) -> str:
+    names = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16"}
+    return names.get(str(model.dtype), str(model.dtype))
 
 
 def _batch(model, queries, attention_mask):

@@ -7,7 +7,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from .decoder import OnnxDecoder
-from .inputs import check_sampling_options, check_seed, check_uniforms
+from .inputs import check_num_samples, check_sampling_options, check_seed, check_uniforms
 from .results import Rollout
 from .sampling import check_finite, draw, exp_weights, filter_logits, token_logprobs
 
@@ -21,20 +21,26 @@ def respond(
     txt_len: int,
     top_k: int = 0,
     top_p: float = 1.0,
+    num_samples: int = 1,
     seed: Optional[int] = None,
     uniforms=None,
     callback: Optional[Callable[[int, np.ndarray], None]] = None,
+    precision: str = "fp32",
+    weights_version: Optional[str] = None,
 ) -> Rollout:
-    """Sample exactly ``txt_len`` tokens per row (the contract is in ``docs/contract.md``).
+    """Sample exactly ``txt_len`` tokens per response (the contract is in ``docs/contract.md``).
 
-    ``ids``/``mask`` are checked B x S int64 arrays. The decoder runs exactly
-    ``txt_len`` times: the last token is drawn from the last call's logits.
-    ``callback(t, tokens)`` is called after step ``t`` with that step's B tokens.
+    ``ids``/``mask`` are checked B x S int64 arrays; ``num_samples`` responses
+    are drawn per query (R = B x num_samples rows, query-major), the encoder
+    running once per query. The decoder runs exactly ``txt_len`` times: the
+    last token is drawn from the last call's logits. ``callback(t, tokens)`` is
+    called after step ``t`` with that step's R tokens.
     """
     check_sampling_options(txt_len, top_k, top_p)
+    check_num_samples(num_samples)
     check_seed(seed)
-    batch = ids.shape[0]
-    u = check_uniforms(uniforms, batch, txt_len)
+    batch = ids.shape[0] * num_samples
+    u = check_uniforms(uniforms, ids.shape[0], txt_len, num_samples)
     rng = np.random.Generator(np.random.PCG64(seed)) if u is None else None
     filtering = top_k > 0 or top_p < 1.0
 
@@ -43,7 +49,7 @@ def respond(
     values = np.empty((batch, txt_len), dtype=np.float32)
     sampling_logprobs = np.empty((batch, txt_len), dtype=np.float32) if filtering else None
 
-    state = decoder.encode(ids, mask, capacity=txt_len)
+    state = decoder.encode(ids, mask, num_samples=num_samples, capacity=txt_len)
     step_input = np.full((batch, 1), decoder_start_token_id, dtype=np.int64)
     for t in range(txt_len):
         logits, value, state = decoder.step(state, step_input)
@@ -64,5 +70,12 @@ def respond(
         if callback is not None:
             callback(t, token)
     return Rollout(
-        tokens=tokens, logprobs=logprobs, values=values, attention_mask=mask, sampling_logprobs=sampling_logprobs
+        tokens=tokens,
+        logprobs=logprobs,
+        values=values,
+        attention_mask=mask,
+        sampling_logprobs=sampling_logprobs,
+        query_index=np.repeat(np.arange(ids.shape[0]), num_samples),
+        precision=precision,
+        weights_version=weights_version,
     )

@@ -12,18 +12,30 @@ from .results import Scores
 from .sampling import exp_weights
 
 
-def score(decoder: OnnxDecoder, ids, mask, responses, response_mask, *, decoder_start_token_id: int) -> Scores:
-    """Score checked B x T ``responses`` for checked B x S queries: one encoder and one decoder call.
+def score(
+    decoder: OnnxDecoder,
+    ids,
+    mask,
+    responses,
+    response_mask,
+    *,
+    decoder_start_token_id: int,
+    num_samples: int = 1,
+    precision: str = "fp32",
+    weights_version=None,
+) -> Scores:
+    """Score checked R x T ``responses`` for checked B x S queries (R = B x num_samples, query-major):
+    one encoder call per query, one decoder call.
 
-    Only the response's real (unmasked) positions reach the LM head and the
-    log-softmax; the rest of each B x T result is 0.
+    Only the responses' real (unmasked) positions reach the LM head and the
+    log-softmax; the rest of each R x T result is 0.
     """
     batch, length = responses.shape
     decoder_ids = np.concatenate(
         [np.full((batch, 1), decoder_start_token_id, dtype=np.int64), responses[:, :-1]], axis=1
     )
     real = np.flatnonzero(response_mask.reshape(-1))
-    state = decoder.encode(ids, mask, capacity=length)
+    state = decoder.encode(ids, mask, num_samples=num_samples, capacity=length)
     logits, values, _ = decoder.step(state, decoder_ids, select=real)
     weights, block_sums, lse = exp_weights(logits)  # weights = exp(logits - max): one exp pass for both
     chosen = np.take_along_axis(logits, responses.reshape(-1)[real, None], axis=-1)[:, 0]
@@ -33,6 +45,8 @@ def score(decoder: OnnxDecoder, ids, mask, responses, response_mask, *, decoder_
         values=_scatter(values, real, batch, length),
         entropy=_scatter(entropy, real, batch, length),
         response_mask=response_mask,
+        precision=precision,
+        weights_version=weights_version,
     )
 
 

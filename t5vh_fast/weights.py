@@ -316,10 +316,29 @@ def _as_float32(value, name: str) -> np.ndarray:
 
 def plan_arrays(params: Mapping[str, np.ndarray], spec: ModelSpec, precision: str) -> Dict[str, Dict[str, np.ndarray]]:
     """``{place: {tensor name: array}}`` for every tensor of the plan."""
-    out: Dict[str, Dict[str, np.ndarray]] = {"host": {}, "encoder": {}, "decoder": {}}
+    return {place: place_arrays(params, spec, precision, place) for place in ("host", "encoder", "decoder")}
+
+
+def place_arrays(
+    params: Mapping[str, np.ndarray], spec: ModelSpec, precision: str, place: str
+) -> Dict[str, np.ndarray]:
+    """``{tensor name: array}`` for the tensors of one place ("host", "encoder" or "decoder")."""
+    out: Dict[str, np.ndarray] = {}
     for tensor in tensor_plan(spec, precision):
-        out[tensor.place].update(compute(tensor, params, spec))
+        if tensor.place == place:
+            out.update(compute(tensor, params, spec))
     return out
+
+
+def weights_digest(params: Mapping[str, np.ndarray]) -> str:
+    """A short content hash of checked parameters: what ``OnnxPolicy.weights_version`` reports."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=8)
+    for name in sorted(params):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(params[name]).data)
+    return digest.hexdigest()
 
 
 def plan_record(spec: ModelSpec, precision: str) -> Dict[str, dict]:
