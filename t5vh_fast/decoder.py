@@ -23,7 +23,16 @@ import onnxruntime as ort
 
 from .errors import ExportError, InputError, ProviderError
 from .manifest import DECODER, DECODER_MERGED, DECODER_WITH_PAST, ENCODER
-from .providers import CPU, CUDA, TENSORRT, make_session, resolve_providers
+from .providers import (
+    CPU,
+    CUDA,
+    TENSORRT,
+    CudaOptions,
+    make_session,
+    note_cpu_fallback,
+    preload_dlls,
+    resolve_providers,
+)
 
 
 @dataclass
@@ -42,9 +51,10 @@ class DecoderState:
 class Graph:
     """One onnxruntime session, run through IO binding."""
 
-    def __init__(self, session: ort.InferenceSession, device: str):
+    def __init__(self, session: ort.InferenceSession, device: str, device_id: int = 0):
         self.session = session
         self.device = device
+        self.device_id = device_id
         self.inputs = {i.name: i for i in session.get_inputs()}
         self.outputs = [o.name for o in session.get_outputs()]
 
@@ -54,7 +64,7 @@ class Graph:
         for name, value in feeds.items():
             binding.bind_ortvalue_input(name, value)
         for name in self.outputs:
-            binding.bind_output(name, "cpu" if name in host else self.device)
+            binding.bind_output(name, "cpu" if name in host else self.device, self.device_id)
         self.session.run_with_iobinding(binding)
         return dict(zip(self.outputs, binding.get_outputs()))
 
@@ -65,23 +75,36 @@ class OnnxDecoder(ABC):
     layout = ""
     files: Tuple[str, ...] = ()
 
-    def __init__(self, root: Path, *, providers: Union[str, Sequence[str]] = "auto", threads: Optional[int] = None):
+    def __init__(
+        self,
+        root: Path,
+        *,
+        providers: Union[str, Sequence[str]] = "auto",
+        threads: Optional[int] = None,
+        cuda: Optional[CudaOptions] = None,
+        tensorrt=None,
+    ):
         for name in self.files:
             if not (root / name).is_file():
                 raise ExportError(f"{root} has no {name}: re-export with the graphs for decoder={self.layout!r}")
-        provider_list = resolve_providers(providers)
-        if provider_list[0] != CPU and hasattr(ort, "preload_dlls"):
-            ort.preload_dlls()  # CUDA/cuDNN from pip's nvidia-* packages, when installed that way
+        cuda = cuda or CudaOptions()
+        provider_list = resolve_providers(providers, device_id=cuda.device_id, probe=cuda.probe)
+        if provider_list[0] != CPU:
+            preload_dlls()  # CUDA/cuDNN from pip's nvidia-* packages, when installed that way
         try:
-            sessions = [make_session(root / name, provider_list, threads) for name in self.files]
-        except ProviderError:
+            sessions = [
+                make_session(root / n, provider_list, threads, cuda=cuda, tensorrt=tensorrt) for n in self.files
+            ]
+        except ProviderError as exc:
             if providers != "auto":
                 raise
-            provider_list = [CPU]  # "auto": CUDA was there but did not start; .providers says so
+            note_cpu_fallback(str(exc))  # "auto": CUDA was there but did not start; .providers says so
+            provider_list = [CPU]
             sessions = [make_session(root / name, provider_list, threads) for name in self.files]
         self.providers: List[str] = sessions[0].get_providers()
         self.device = "cuda" if self.providers[0] in (CUDA, TENSORRT) else "cpu"
-        self.graphs = [Graph(s, self.device) for s in sessions]
+        self.device_id = cuda.device_id if self.device == "cuda" else 0
+        self.graphs = [Graph(s, self.device, self.device_id) for s in sessions]
         self.encoder = self.graphs[0]
         decoder_outputs = self.graphs[1].outputs
         self.num_layers = sum(1 for o in decoder_outputs if o.endswith(".decoder.key"))
@@ -92,7 +115,7 @@ class OnnxDecoder(ABC):
         self._cross_out = [f"present.{i}.encoder.{p}" for i in layers for p in ("key", "value")]
 
     def to_device(self, array: np.ndarray) -> ort.OrtValue:
-        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0)
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, self.device_id)
 
     def encode(self, ids: np.ndarray, mask: np.ndarray) -> DecoderState:
         """Run the encoder once on checked B x S ``ids``/``mask``; the state has no KV cache yet."""
@@ -180,5 +203,5 @@ def graph_files(layout: str) -> List[str]:
 
 
 def open_decoder(root: Path, layout: str = "split", **kwargs) -> OnnxDecoder:
-    """The sessions of ``root`` for a decoder layout (``providers``, ``threads`` as in ``load``)."""
+    """The sessions of ``root`` for a decoder layout (``providers``, ``threads``, ``cuda``, ``tensorrt`` as in ``load``)."""
     return _layout_class(layout)(Path(root), **kwargs)

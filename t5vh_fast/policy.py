@@ -12,9 +12,11 @@ from .decoder import OnnxDecoder, graph_files, open_decoder
 from .errors import PathNotFound
 from .inputs import as_token_batch, check_response_batch, pad_batch
 from .manifest import read_manifest
+from .providers import CudaOptions, provider_errors
 from .results import Rollout, Scores
 from .rollout import respond
 from .scoring import score as _score
+from .tensorrt import TensorrtOptions
 
 
 class OnnxPolicy:
@@ -81,18 +83,19 @@ class OnnxPolicy:
         ``NonFiniteError`` when the logits hold NaN or inf.
         """
         ids, mask = as_token_batch(query_ids, attention_mask, vocab_size=self.vocab_size)
-        return respond(
-            self.decoder,
-            ids,
-            mask,
-            decoder_start_token_id=self.decoder_start_token_id,
-            txt_len=txt_len,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed,
-            uniforms=uniforms,
-            callback=callback,
-        )
+        with provider_errors(self.providers, "while sampling"):
+            return respond(
+                self.decoder,
+                ids,
+                mask,
+                decoder_start_token_id=self.decoder_start_token_id,
+                txt_len=txt_len,
+                top_k=top_k,
+                top_p=top_p,
+                seed=seed,
+                uniforms=uniforms,
+                callback=callback,
+            )
 
     def score(self, query_ids, response_ids, attention_mask=None, response_mask=None) -> Scores:
         """Teacher-forced log-probs, values and entropy of given responses.
@@ -106,7 +109,8 @@ class OnnxPolicy:
         resp, resp_mask = check_response_batch(
             response_ids, response_mask, queries=ids.shape[0], vocab_size=self.vocab_size
         )
-        return _score(self.decoder, ids, mask, resp, resp_mask, decoder_start_token_id=self.decoder_start_token_id)
+        with provider_errors(self.providers, "while scoring"):
+            return _score(self.decoder, ids, mask, resp, resp_mask, decoder_start_token_id=self.decoder_start_token_id)
 
     # ------------------------------------------------------------------ text
 
@@ -134,6 +138,8 @@ def load(
     threads: Optional[int] = None,
     decoder: str = "split",
     verify: bool = True,
+    cuda: Optional[CudaOptions] = None,
+    tensorrt: Optional[TensorrtOptions] = None,
 ) -> OnnxPolicy:
     """Load an export made by ``t5vh-export``.
 
@@ -141,10 +147,14 @@ def load(
     ``"cuda"``, ``"tensorrt"`` or an onnxruntime provider list. ``threads``:
     intra-op threads per session (default: all cores). ``decoder``:
     ``"split"`` (two decoder graphs) or ``"merged"`` (one graph, less memory).
+    ``cuda``: ``CudaOptions`` (device, TF32, memory arena) for CUDA and
+    TensorRT; ``tensorrt``: ``TensorrtOptions`` (shape profiles, engine cache,
+    fp16/bf16). A GPU provider that fails raises ``ProviderError`` naming it.
     The manifest is checked first: format version and the sha256 of every
     graph (``verify=False`` skips the hashes, not the version). Raises
     ``PathNotFound`` or ``ExportError`` naming what is wrong.
     """
     root = Path(export_dir).expanduser()
     manifest = read_manifest(root, verify_hashes=verify, only=graph_files(decoder))
-    return OnnxPolicy(root, manifest, open_decoder(root, decoder, providers=providers, threads=threads))
+    opened = open_decoder(root, decoder, providers=providers, threads=threads, cuda=cuda, tensorrt=tensorrt)
+    return OnnxPolicy(root, manifest, opened)
