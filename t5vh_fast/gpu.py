@@ -214,8 +214,8 @@ def missing_libraries(names: Sequence[str], load=ctypes.CDLL) -> Tuple[str, ...]
 
 TENSORRT_LIBS = ("libnvinfer.so.10", "libnvinfer_plugin.so.10", "libnvonnxparser.so.10")
 TENSORRT_FIX = (
-    'pip install "tensorrt-cu13-libs>=10.13,<11" (TensorRT 10; onnxruntime-gpu 1.31 does not load TensorRT 11), '
-    "or put TensorRT 10's lib folder on LD_LIBRARY_PATH"
+    'pip install "t5vh_fast[tensorrt]" (tensorrt-cu13-libs>=10.13,<11: TensorRT 10, which onnxruntime-gpu 1.31 '
+    "links; its PyPI stub fetches the wheel from NVIDIA's index), or put TensorRT 10's lib folder on LD_LIBRARY_PATH"
 )
 
 
