@@ -17,6 +17,7 @@ import functools
 import importlib.util
 import os
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
@@ -210,6 +211,25 @@ def missing_libraries(names: Sequence[str], load=ctypes.CDLL) -> Tuple[str, ...]
         except OSError:
             missing.append(name)
     return tuple(missing)
+
+
+def preload_nvidia_libs(names: Sequence[str], paths: Optional[Sequence[str]] = None, load=ctypes.CDLL):
+    """Load those of ``names`` the loader cannot find from any ``nvidia/*/lib`` folder on ``sys.path``.
+
+    ``onnxruntime.preload_dlls`` only looks beside onnxruntime itself; CUDA's
+    pip packages may sit in another site-packages (a venv over the system's, a
+    PYTHONPATH install). Returns the names still missing afterwards.
+    """
+    for name in missing_libraries(names, load):
+        for folder in sys.path if paths is None else paths:
+            hits = sorted(Path(folder).glob(f"nvidia/*/lib/{name}")) if folder else []
+            if hits:
+                try:
+                    load(str(hits[0]), mode=ctypes.RTLD_GLOBAL)
+                    break
+                except OSError:
+                    continue
+    return missing_libraries(names, load)
 
 
 TENSORRT_LIBS = ("libnvinfer.so.10", "libnvinfer_plugin.so.10", "libnvonnxparser.so.10")

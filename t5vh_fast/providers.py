@@ -216,11 +216,14 @@ def _did_not_start(provider: str, path: Path, got: List[str]) -> str:
 
 
 def preload_dlls() -> None:
-    """CUDA and cuDNN from pip's nvidia-* packages, and TensorRT from ``tensorrt_libs``; prints go to stderr."""
+    """CUDA and cuDNN from pip's nvidia-* packages (wherever on sys.path), TensorRT from ``tensorrt_libs``.
+
+    What onnxruntime prints while loading goes to stderr."""
     with stdout_to_stderr():
         if hasattr(ort, "preload_dlls"):
             ort.preload_dlls()
         gpu.preload_tensorrt_libs()
+        gpu.preload_nvidia_libs(gpu.shared_libraries(TENSORRT, gpu.ort_cuda_major() or 13))
 
 
 # ---------------------------------------------------------------------- errors and output

@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -352,6 +353,21 @@ def test_missing_libraries():
     assert "libcublasLt.so.13" in gpu.shared_libraries(CUDA, 13) and "libcudnn.so.9" not in gpu.shared_libraries(
         CUDA, 13
     )
+
+
+def test_nvidia_libraries_are_found_in_any_site_packages(tmp_path):
+    lib = tmp_path / "nvidia" / "cu13" / "lib"
+    lib.mkdir(parents=True)
+    (lib / "libcublasLt.so.13").write_bytes(b"")
+    loaded = set()
+
+    def load(name, mode=0):
+        if name not in loaded and not name.startswith("/"):
+            raise OSError(name)
+        loaded.add(Path(name).name)
+
+    missing = gpu.preload_nvidia_libs(["libcublasLt.so.13", "libcurand.so.10"], paths=["", str(tmp_path)], load=load)
+    assert missing == ("libcurand.so.10",) and loaded == {"libcublasLt.so.13"}
 
 
 # ---------------------------------------------------------------------- stdout stays clean
