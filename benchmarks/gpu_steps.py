@@ -224,7 +224,7 @@ def transfers_step(work: Path, out: Path) -> None:
         data[layout] = {
             "kv_cache_devices": sorted({kv.device_name() for kv in state.self_kv + state.cross_kv}),
             "host_bytes_per_step": {"logits": 64 * policy.vocab_size * 4, "values": 64 * 4},
-            "profiles": {Path(f).name: profile_summary(Path(f)) for f in files},
+            "profiles": {graph: profile_summary(Path(f)) for graph, f in zip(policy.decoder.files, files)},
         }
         save(work, "transfers", data)
     print(json.dumps(data, indent=1))
