@@ -59,8 +59,17 @@ setup(
         ],
         "test": ["pytest>=7", "scipy>=1.10", "matplotlib>=3.6", "ruff==0.17.5"],
         "bench": ["matplotlib>=3.6", "ctranslate2>=4.0"],
-        # CUDA 13 + cuDNN 9 as pip packages, for onnxruntime-gpu's CUDA provider
-        "gpu": [f"onnxruntime-gpu[cuda,cudnn]>=1.20; {_GPU_WHEELS}"],
+        # CUDA 13 libraries as pip packages for onnxruntime-gpu 1.31 (built for CUDA 13). Its CUDA provider
+        # links cudart, cuBLAS/cuBLASLt and cuRAND; its `cuda` extra brings cudart, NVRTC, cuFFT and cuRAND
+        # but not cuBLAS, which only arrives through `cudnn` (nvidia-cudnn-cu13 requires nvidia-cublas), and
+        # cuDNN itself only the TensorRT provider links. cuBLAS is named here so it does not hang on that.
+        "gpu": [
+            f"onnxruntime-gpu[cuda,cudnn]>=1.31,<1.32; {_GPU_WHEELS}",
+            f"nvidia-cublas>=13,<14; {_GPU_WHEELS}",
+        ],
+        # TensorRT 10 for providers="tensorrt" (onnxruntime-gpu 1.31 links libnvinfer.so.10, not 11). PyPI has
+        # a stub of it that fetches the wheel from NVIDIA's own package index at install time.
+        "tensorrt": [f"tensorrt-cu13-libs>=10.13,<11; {_GPU_WHEELS}"],
     },
     entry_points={
         "console_scripts": [

@@ -10,13 +10,17 @@ from . import errors
 from .errors import ExportError, InputError, T5vhError
 from .inputs import pad_batch
 from .policy import OnnxPolicy, load
+from .providers import CudaOptions
 from .results import Rollout, Scores
 from .scoring import kl, reward
+from .tensorrt import TensorrtOptions
 
 __version__ = "0.2.0"
 __all__ = [
     "load",
     "OnnxPolicy",
+    "CudaOptions",
+    "TensorrtOptions",
     "Rollout",
     "Scores",
     "kl",

@@ -25,11 +25,14 @@ SYSTEMS = {
     "hf-generate": "transformers generate(do_sample=True), unreachable eos_token_id",
     "optimum": "Optimum ORTModelForSeq2SeqLM.generate on the same export",
     "t5vh": "t5vh ONNX sampler (CPU)",
-    "t5vh-cuda": "t5vh ONNX sampler (CUDA)",
+    "t5vh-cuda": "t5vh ONNX sampler (CUDA, fp32, TF32 off)",
+    "torch-cuda": "transformers generate(do_sample=True) on CUDA, fp32 (TF32 off), unreachable eos_token_id",
+    "optimum-cuda": "Optimum ORTModelForSeq2SeqLM.generate on CUDAExecutionProvider (TF32 off), same export",
     "ct2": "CTranslate2 fp32, end_token=[]",
     "ct2-int8": "CTranslate2 int8, end_token=[]",
 }
 QUERY_LEN = 64
+GPU_SYSTEMS = ("t5vh-cuda", "torch-cuda", "optimum-cuda")
 
 
 # ---------------------------------------------------------------------- worker side (one system, one batch)
@@ -103,19 +106,23 @@ def _runner(system: str, model_dir: Path, export_dir: Path, threads: int, cache_
 
     import torch
 
-    if system == "optimum":
+    if system in ("optimum", "optimum-cuda"):
         import onnxruntime as ort
         from optimum.onnxruntime import ORTModelForSeq2SeqLM
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
+        on_gpu = system == "optimum-cuda"
         model = ORTModelForSeq2SeqLM.from_pretrained(
-            export_dir, session_options=options, provider="CPUExecutionProvider"
+            export_dir,
+            session_options=options,
+            provider="CUDAExecutionProvider" if on_gpu else "CPUExecutionProvider",
+            provider_options={"use_tf32": "0"} if on_gpu else None,  # fp32 against fp32
         )
         vocab = model.config.vocab_size
 
         def run(ids, n):
-            ids = torch.from_numpy(ids)
+            ids = torch.from_numpy(ids).to(model.device)
             out = model.generate(
                 input_ids=ids,
                 attention_mask=torch.ones_like(ids),
@@ -126,7 +133,7 @@ def _runner(system: str, model_dir: Path, export_dir: Path, threads: int, cache_
                 eos_token_id=vocab,
                 pad_token_id=0,
             )
-            return out[:, 1:].numpy(), None
+            return out[:, 1:].cpu().numpy(), None
 
         return run
 
@@ -134,13 +141,18 @@ def _runner(system: str, model_dir: Path, export_dir: Path, threads: int, cache_
 
     torch.set_num_threads(threads)
     model = load_reference(model_dir)
+    if system == "torch-cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"torch {torch.__version__} sees no CUDA device (a CPU build?)")
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 against fp32
+        model = model.to("cuda")
 
     def run(ids, n):
         clock = StepClock()
         handle = model.register_forward_pre_hook(clock.mark)
-        ids = torch.from_numpy(ids)
+        ids = torch.from_numpy(ids).to(model.device)
         try:
-            if system == "hf-generate":
+            if system in ("hf-generate", "torch-cuda"):
                 with torch.no_grad():
                     out = model.generate(
                         input_ids=ids,
@@ -152,7 +164,7 @@ def _runner(system: str, model_dir: Path, export_dir: Path, threads: int, cache_
                         eos_token_id=model.config.vocab_size,
                         pad_token_id=0,
                     )
-                return out[:, 1:].numpy(), clock
+                return out[:, 1:].cpu().numpy(), clock
             rollout = model.respond_to_batch(ids, txt_len=n, use_cache=system == "torch")
             return rollout.tokens.numpy(), clock
         finally:
@@ -360,10 +372,16 @@ def machine_info(threads: int) -> dict:
             pass
     import onnxruntime as ort
 
+    from .gpu import probe, visible_gpus
+
+    report = probe()
+    gpus = [f"{g.name} (compute capability {'.'.join(map(str, g.compute_capability))})" for g in visible_gpus(report)]
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
         "threads": threads,
+        "gpus": gpus,
+        "driver": report.driver_version if report else None,
         "providers": ort.get_available_providers(),
         "python": platform.python_version(),
         "versions": versions,
@@ -371,11 +389,12 @@ def machine_info(threads: int) -> dict:
 
 
 def available_systems() -> list:
+    """The systems that can run here: the GPU ones only where the probe finds a GPU."""
     from .providers import cuda_device_present
 
     systems = ["torch-nocache", "torch", "hf-generate", "optimum", "t5vh"]
     if cuda_device_present():
-        systems.append("t5vh-cuda")
+        systems += list(GPU_SYSTEMS)
     if importlib.util.find_spec("ctranslate2") is not None:
         systems += ["ct2", "ct2-int8"]
     return systems
@@ -448,13 +467,18 @@ def run_benchmark(
     }
 
 
+def baseline_of(system: str) -> str:
+    """The t5vh system a system is compared with: t5vh-cuda for the GPU systems, t5vh for the rest."""
+    return "t5vh-cuda" if system in GPU_SYSTEMS else "t5vh"
+
+
 def ratios(report: dict) -> list:
-    """(batch, other system, t5vh tok/s / other tok/s) for every measured pair."""
+    """(batch, other system, t5vh tok/s / other tok/s) for every measured pair, on the same device."""
     by = {(r["system"], r["batch"]): r for r in report["results"] if "error" not in r}
     out = []
     for (system, batch), r in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        ours = by.get(("t5vh", batch))
-        if ours and system != "t5vh":
+        ours = by.get((baseline_of(system), batch))
+        if ours and system != baseline_of(system):
             out.append((batch, system, ours["tokens_per_s"] / r["tokens_per_s"]))
     return out
 
@@ -463,6 +487,7 @@ def markdown(report: dict) -> str:
     m, w = report["machine"], report["workload"]
     lines = [
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads; providers {', '.join(m['providers'])}",
+        *([f"GPU: {', '.join(m['gpus'])}; driver {m.get('driver')}"] if m.get("gpus") else []),
         "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
         f"Workload: query {w['query_tokens']} tokens, exactly {w['new_tokens']} new tokens per row, top_k=0, top_p=1.0",
         "",
@@ -482,6 +507,8 @@ def markdown(report: dict) -> str:
         )
     lines.append("")
     lines.append("Systems: " + "; ".join(f"`{k}` = {v}" for k, v in report["systems"].items()))
+    if any(s in GPU_SYSTEMS for s in report["systems"]):
+        lines.append("t5vh speed-up: t5vh-cuda's tokens/s over each GPU system's, t5vh's over each CPU system's")
     f = report.get("floor", {})
     if "floor_ms" in f:
         ours = next(

@@ -24,7 +24,16 @@ import onnxruntime as ort
 
 from .errors import ExportError, InputError, ProviderError
 from .manifest import DECODER, DECODER_GRAPH, DECODER_MERGED, DECODER_WITH_PAST, ENCODER, ENCODER_GRAPH
-from .providers import CPU, CUDA, TENSORRT, make_session, resolve_providers
+from .providers import (
+    CPU,
+    CUDA,
+    TENSORRT,
+    CudaOptions,
+    make_session,
+    note_cpu_fallback,
+    preload_dlls,
+    resolve_providers,
+)
 
 
 @dataclass
@@ -50,9 +59,10 @@ class DecoderState:
 class Graph:
     """One onnxruntime session, run through IO binding."""
 
-    def __init__(self, session: ort.InferenceSession, device: str):
+    def __init__(self, session: ort.InferenceSession, device: str, device_id: int = 0):
         self.session = session
         self.device = device
+        self.device_id = device_id
         self.inputs = {i.name: i for i in session.get_inputs()}
         self.outputs = [o.name for o in session.get_outputs()]
 
@@ -68,8 +78,10 @@ class Graph:
         for name in self.outputs:
             if name in into:
                 binding.bind_ortvalue_output(name, into[name])
+            elif name in host:
+                binding.bind_output(name, "cpu")
             else:
-                binding.bind_output(name, "cpu" if name in host else self.device)
+                binding.bind_output(name, self.device, self.device_id)
         self.session.run_with_iobinding(binding)
         return dict(zip(self.outputs, binding.get_outputs()))
 
@@ -84,28 +96,45 @@ class OnnxDecoder(ABC):
     layout = ""
     files: Tuple[str, ...] = ()
 
-    def __init__(self, root: Path, *, providers: Union[str, Sequence[str]] = "auto", threads: Optional[int] = None):
+    def __init__(
+        self,
+        root: Path,
+        *,
+        providers: Union[str, Sequence[str]] = "auto",
+        threads: Optional[int] = None,
+        cuda: Optional[CudaOptions] = None,
+        tensorrt=None,
+    ):
         self.root = Path(root)
         for name in self.files:
             if not (self.root / name).is_file():
                 raise ExportError(f"{self.root} has no {name}: re-export with the graphs for decoder={self.layout!r}")
-        provider_list = resolve_providers(providers)
-        if provider_list[0] != CPU and hasattr(ort, "preload_dlls"):
-            ort.preload_dlls()  # CUDA/cuDNN from pip's nvidia-* packages, when installed that way
+        self.threads, self.cuda, self.tensorrt = threads, cuda or CudaOptions(), tensorrt
+        provider_list = resolve_providers(providers, device_id=self.cuda.device_id, probe=self.cuda.probe)
+        if provider_list[0] != CPU:
+            preload_dlls()  # CUDA/cuDNN from pip's nvidia-* packages, when installed that way
         try:
-            sessions = self._sessions(provider_list, threads)
-        except ProviderError:
+            sessions = [self._session(name, provider_list) for name in self.files]
+        except ProviderError as exc:
             if providers != "auto":
                 raise
-            provider_list = [CPU]  # "auto": CUDA was there but did not start; .providers says so
-            sessions = self._sessions(provider_list, threads)
-        self.threads = threads
+            note_cpu_fallback(str(exc))  # "auto": CUDA was there but did not start; .providers says so
+            provider_list = [CPU]
+            sessions = [self._session(name, provider_list) for name in self.files]
         self.providers: List[str] = sessions[0].get_providers()
         self.device = "cuda" if self.providers[0] in (CUDA, TENSORRT) else "cpu"
-        self.graphs = [Graph(s, self.device) for s in sessions]
+        self.device_id = self.cuda.device_id if self.device == "cuda" else 0
+        self.graphs = [Graph(s, self.device, self.device_id) for s in sessions]
 
-    def _sessions(self, provider_list: List[str], threads: Optional[int]) -> list:
-        return [make_session(self.root / name, provider_list, threads) for name in self.files]
+    def _session(self, name: str, provider_list: List[str], initializers=None) -> ort.InferenceSession:
+        return make_session(
+            self.root / name,
+            provider_list,
+            self.threads,
+            cuda=self.cuda,
+            tensorrt=self.tensorrt,
+            initializers=initializers,
+        )
 
     def with_weights(self, arrays: Dict[str, Dict[str, np.ndarray]]) -> OnnxDecoder:
         """A new decoder on the same files whose named tensors are replaced: ``{graph file: {name: array}}``.
@@ -116,15 +145,13 @@ class OnnxDecoder(ABC):
         """
         new = copy.copy(self)
         new.graphs = [
-            Graph(
-                make_session(self.root / name, self.providers, self.threads, initializers=arrays.get(name)), self.device
-            )
+            Graph(self._session(name, self.providers, arrays.get(name)), self.device, self.device_id)
             for name in self.files
         ]
         return new
 
     def to_device(self, array: np.ndarray) -> ort.OrtValue:
-        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0)
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, self.device_id)
 
     @abstractmethod
     def encode(self, ids: np.ndarray, mask: np.ndarray, *, num_samples: int = 1, capacity: int = 0) -> DecoderState:
@@ -270,7 +297,7 @@ class SingleDecoder(OnnxDecoder):
         capacity = capacity or 1
         cache = [
             ort.OrtValue.ortvalue_from_shape_and_type(
-                (rows, self._heads, capacity, self._d_kv), np.float32, self.device, 0
+                (rows, self._heads, capacity, self._d_kv), np.float32, self.device, self.device_id
             )
             for _ in self._past
         ]
@@ -358,5 +385,5 @@ def graph_files(layout: str) -> List[str]:
 
 
 def open_decoder(root: Path, layout: str = "split", **kwargs) -> OnnxDecoder:
-    """The sessions of ``root`` for a decoder layout (``providers``, ``threads`` as in ``load``)."""
+    """The sessions of ``root`` for a decoder layout (``providers``, ``threads``, ``cuda``, ``tensorrt`` as in ``load``)."""
     return _layout_class(layout)(Path(root), **kwargs)

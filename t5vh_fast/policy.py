@@ -12,9 +12,11 @@ from .decoder import OnnxDecoder, graph_files, open_decoder
 from .errors import ExportError, PathNotFound
 from .inputs import as_token_batch, check_response_batch, pad_batch
 from .manifest import DECODER_GRAPH, ENCODER_GRAPH, check_files, default_layout, layouts, read_manifest
+from .providers import CudaOptions, provider_errors
 from .results import Rollout, Scores
 from .rollout import respond
 from .scoring import score as _score
+from .tensorrt import TensorrtOptions
 from .weights import ModelSpec, checkpoint_params, place_arrays, plan_record, weights_digest
 
 
@@ -96,21 +98,22 @@ class OnnxPolicy:
         when the logits hold NaN or inf.
         """
         ids, mask = as_token_batch(query_ids, attention_mask, vocab_size=self.vocab_size)
-        return respond(
-            self.decoder,
-            ids,
-            mask,
-            decoder_start_token_id=self.decoder_start_token_id,
-            txt_len=txt_len,
-            top_k=top_k,
-            top_p=top_p,
-            num_samples=num_samples,
-            seed=seed,
-            uniforms=uniforms,
-            callback=callback,
-            precision=self.precision,
-            weights_version=self.weights_version,
-        )
+        with provider_errors(self.providers, "while sampling"):
+            return respond(
+                self.decoder,
+                ids,
+                mask,
+                decoder_start_token_id=self.decoder_start_token_id,
+                txt_len=txt_len,
+                top_k=top_k,
+                top_p=top_p,
+                num_samples=num_samples,
+                seed=seed,
+                uniforms=uniforms,
+                callback=callback,
+                precision=self.precision,
+                weights_version=self.weights_version,
+            )
 
     def score(self, query_ids, response_ids, attention_mask=None, response_mask=None) -> Scores:
         """Teacher-forced log-probs, values and entropy of given responses.
@@ -127,17 +130,18 @@ class OnnxPolicy:
         resp, resp_mask, num_samples = check_response_batch(
             response_ids, response_mask, queries=ids.shape[0], vocab_size=self.vocab_size
         )
-        return _score(
-            self.decoder,
-            ids,
-            mask,
-            resp,
-            resp_mask,
-            decoder_start_token_id=self.decoder_start_token_id,
-            num_samples=num_samples,
-            precision=self.precision,
-            weights_version=self.weights_version,
-        )
+        with provider_errors(self.providers, "while scoring"):
+            return _score(
+                self.decoder,
+                ids,
+                mask,
+                resp,
+                resp_mask,
+                decoder_start_token_id=self.decoder_start_token_id,
+                num_samples=num_samples,
+                precision=self.precision,
+                weights_version=self.weights_version,
+            )
 
     # ------------------------------------------------------------------ weights
 
@@ -214,6 +218,8 @@ def load(
     threads: Optional[int] = None,
     decoder: Optional[str] = None,
     verify: bool = True,
+    cuda: Optional[CudaOptions] = None,
+    tensorrt: Optional[TensorrtOptions] = None,
 ) -> OnnxPolicy:
     """Load an export made by ``t5vh-export``.
 
@@ -224,8 +230,11 @@ def load(
     weights held once; the default where the export has it), ``"split"`` or
     ``"merged"`` (Optimum's graphs). The manifest is checked first: format
     version, and that every file the layout reads is listed and unchanged
-    (``verify=False`` skips the hashes, not the listing). Raises
-    ``PathNotFound`` or ``ExportError`` naming what is wrong.
+    (``verify=False`` skips the hashes, not the listing). ``cuda``:
+    ``CudaOptions`` (device, TF32, memory arena) for CUDA and TensorRT;
+    ``tensorrt``: ``TensorrtOptions`` (shape profiles, engine cache,
+    fp16/bf16). A GPU provider that fails raises ``ProviderError`` naming it.
+    Raises ``PathNotFound`` or ``ExportError`` naming what is wrong.
     """
     root = Path(export_dir).expanduser()
     manifest = read_manifest(root)
@@ -236,4 +245,5 @@ def load(
         known = ", ".join(repr(name) for name in available)
         raise ExportError(f"{root} has no {layout!r} decoder layout (it has {known}): pass one of those, or re-export")
     check_files(root, manifest, needed, verify_hashes=verify)
-    return OnnxPolicy(root, manifest, open_decoder(root, layout, providers=providers, threads=threads))
+    opened = open_decoder(root, layout, providers=providers, threads=threads, cuda=cuda, tensorrt=tensorrt)
+    return OnnxPolicy(root, manifest, opened)

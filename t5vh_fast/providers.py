@@ -1,66 +1,155 @@
-"""onnxruntime execution providers and session options: which device runs the graphs.
+"""onnxruntime execution providers and session options: which device runs the graphs, and how.
 
 No torch here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import onnxruntime as ort
 
-from .errors import InputError, ProviderError
+from . import gpu
+from .errors import InputError, ProviderError, T5vhError
+from .tensorrt import TensorrtOptions, tensorrt_provider_options, without_tensorrt_environment
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 TENSORRT = "TensorrtExecutionProvider"
+ARENA_STRATEGIES = ("kSameAsRequested", "kNextPowerOfTwo")
+GPU_EXTRA_FIX = 'pip install "t5vh_fast[gpu]" (CUDA 13 and cuDNN 9 as pip packages)'
+
+
+@dataclass(frozen=True)
+class CudaOptions:
+    """CUDA provider settings (``load(..., cuda=CudaOptions(...))``); TensorRT runs on the same device."""
+
+    # which GPU, as CUDA numbers them (after CUDA_VISIBLE_DEVICES)
+    device_id: int = 0
+    # TF32 MatMuls on Ampere and newer: faster, but ~1e-3 relative error, outside the fp32 parity tolerance
+    tf32: bool = False
+    # how each session's memory arena grows (it never shrinks): "kSameAsRequested" (what is asked, no more)
+    # or "kNextPowerOfTwo" (onnxruntime's default: fewer, larger blocks, up to half of them unused)
+    arena_extend_strategy: str = "kSameAsRequested"
+    # bytes each session's arena may hold; None: no limit
+    gpu_mem_limit: Optional[int] = None
+    # check the driver and the GPU's compute capability before starting CUDA; False: trust the GPU
+    probe: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.device_id, bool) or not isinstance(self.device_id, int) or self.device_id < 0:
+            raise InputError(f"CudaOptions.device_id must be an integer >= 0, got {self.device_id!r}")
+        if self.arena_extend_strategy not in ARENA_STRATEGIES:
+            raise InputError(
+                f"CudaOptions.arena_extend_strategy must be one of {ARENA_STRATEGIES}, got {self.arena_extend_strategy!r}"
+            )
+        limit = self.gpu_mem_limit
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise InputError(f"CudaOptions.gpu_mem_limit must be a number of bytes >= 1 or None, got {limit!r}")
+
+
+def cuda_provider_options(cuda: CudaOptions) -> Dict[str, str]:
+    """The CUDA provider options for ``cuda``: device, TF32 off unless asked, arena growth and limit."""
+    options = {
+        "device_id": str(cuda.device_id),
+        "use_tf32": "1" if cuda.tf32 else "0",
+        "arena_extend_strategy": cuda.arena_extend_strategy,
+    }
+    if cuda.gpu_mem_limit is not None:
+        options["gpu_mem_limit"] = str(cuda.gpu_mem_limit)
+    return options
+
+
+# ---------------------------------------------------------------------- choosing providers
 
 
 def cuda_device_present() -> bool:
-    """True when the CUDA driver loads and reports at least one device.
+    """True when the NVIDIA driver reports a GPU CUDA can see (asked through NVML, without starting CUDA)."""
+    return bool(gpu.visible_gpus(gpu.probe()))
 
-    onnxruntime-gpu lists the CUDA provider on every machine; this asks the
-    driver instead, so "auto" does not try (and log a failure) where there is no GPU.
+
+def resolve_providers(
+    providers: Union[str, Sequence[str]] = "auto", *, device_id: int = 0, probe: bool = True
+) -> List[str]:
+    """The onnxruntime provider list for ``"auto"``, ``"cpu"``, ``"cuda"``, ``"tensorrt"`` or an explicit list.
+
+    ``"auto"`` takes CUDA only where onnxruntime has it and the probe finds a
+    GPU it can run on (else the CPU, with the reason on stderr when a GPU was
+    there). ``"cuda"`` and ``"tensorrt"`` raise ``ProviderError`` saying why they
+    cannot run. ``probe=False`` skips the driver and compute-capability check.
     """
-    try:
-        lib = ctypes.CDLL("libcuda.so.1" if os.name != "nt" else "nvcuda.dll")
-    except OSError:
-        return False
-    count = ctypes.c_int(0)
-    return lib.cuInit(0) == 0 and lib.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
-
-
-def resolve_providers(providers: Union[str, Sequence[str]] = "auto") -> List[str]:
-    """The onnxruntime provider list for ``"auto"``, ``"cpu"``, ``"cuda"``, ``"tensorrt"`` or an explicit list."""
     available = ort.get_available_providers()
-    if isinstance(providers, str):
-        choice = providers.lower()
-        if choice == "cpu":
-            return [CPU]
-        if choice == "auto":
-            return [CUDA, CPU] if CUDA in available and cuda_device_present() else [CPU]
-        wanted = {"cuda": [CUDA, CPU], "tensorrt": [TENSORRT, CUDA, CPU]}.get(choice)
-        if wanted is None:
-            raise InputError(
-                f"providers={providers!r} is not one of 'auto', 'cpu', 'cuda', 'tensorrt' or a list of provider names"
-            )
-        if wanted[0] not in available:
-            raise InputError(
-                f"providers={providers!r} needs {wanted[0]}, which this onnxruntime does not have "
-                f"(it has {available}); install onnxruntime-gpu or use providers='cpu'"
-            )
-        return wanted
-    providers = list(providers)
+    if not isinstance(providers, str):
+        return _explicit(list(providers), available)
+    choice = providers.lower()
+    if choice == "cpu":
+        return [CPU]
+    if choice == "auto":
+        return _auto(available, device_id, probe)
+    wanted = {"cuda": [CUDA, CPU], "tensorrt": [TENSORRT, CUDA, CPU]}.get(choice)
+    if wanted is None:
+        raise InputError(
+            f"providers={providers!r} is not one of 'auto', 'cpu', 'cuda', 'tensorrt' or a list of provider names"
+        )
+    if wanted[0] not in available:
+        raise ProviderError(
+            f"providers={providers!r} needs {wanted[0]}, which this onnxruntime does not have "
+            f"(it has {available}); install onnxruntime-gpu or use providers='cpu'"
+        )
+    problem = gpu.gpu_problem(gpu.probe(), device_id, gpu.ort_cuda_major()) if probe else None
+    if problem:
+        raise ProviderError(f"providers={providers!r} cannot run here: {problem}; use providers='cpu'")
+    if choice == "tensorrt":
+        _check_tensorrt_libraries()
+    return wanted
+
+
+def _auto(available: List[str], device_id: int, probe: bool) -> List[str]:
+    if CUDA not in available:
+        return [CPU]
+    if not probe:
+        return [CUDA, CPU]
+    report = gpu.probe()
+    if not gpu.visible_gpus(report):
+        return [CPU]
+    problem = gpu.gpu_problem(report, device_id, gpu.ort_cuda_major())
+    if problem:
+        note_cpu_fallback(problem)
+        return [CPU]
+    return [CUDA, CPU]
+
+
+def _explicit(providers: List[str], available: List[str]) -> List[str]:
     if not providers:
         raise InputError("providers is an empty list: name at least one onnxruntime provider")
     unknown = [p for p in providers if p not in available]
     if unknown:
-        raise InputError(f"providers {unknown} are not available in this onnxruntime (available: {available})")
+        raise ProviderError(f"providers {unknown} are not available in this onnxruntime (available: {available})")
     return providers
+
+
+def _check_tensorrt_libraries() -> None:
+    gpu.preload_tensorrt_libs()
+    missing = gpu.missing_libraries(("libnvinfer.so.10", "libnvonnxparser.so.10"))
+    if missing:
+        raise ProviderError(
+            f"providers='tensorrt' needs TensorRT 10 ({', '.join(missing)} not found): {gpu.TENSORRT_FIX}"
+        )
+
+
+def note_cpu_fallback(reason: str) -> None:
+    """One line on stderr: "auto" is using the CPU, and why."""
+    print(f"t5vh_fast: running on the CPU: {reason}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------- sessions
 
 
 def check_threads(threads) -> None:
@@ -68,14 +157,8 @@ def check_threads(threads) -> None:
         raise InputError(f"threads must be a positive integer or None, got {threads!r}")
 
 
-def make_session(
-    path: Path, providers: List[str], threads: Optional[int], *, initializers: Optional[Dict[str, np.ndarray]] = None
-) -> ort.InferenceSession:
-    """One onnxruntime session for a graph file, all optimizations on; fails if the first provider fell back.
-
-    ``initializers`` replace the graph's stored weights of those names (the graph must
-    keep them as external data); onnxruntime copies them, so the arrays may be dropped after.
-    """
+def session_options(threads: Optional[int]) -> ort.SessionOptions:
+    """All graph optimizations on, errors-only logging, ``threads`` intra-op threads."""
     check_threads(threads)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -85,13 +168,142 @@ def make_session(
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    return options
+
+
+def provider_entries(
+    path: Path, providers: List[str], cuda: Optional[CudaOptions] = None, tensorrt: Optional[TensorrtOptions] = None
+) -> list:
+    """``providers`` with their options, as onnxruntime takes them: (name, options) or a bare name."""
+    cuda = cuda or CudaOptions()
+    entries = []
+    for name in providers:
+        if name == CUDA:
+            entries.append((CUDA, cuda_provider_options(cuda)))
+        elif name == TENSORRT:
+            entries.append((TENSORRT, tensorrt_provider_options(path, tensorrt or TensorrtOptions(), cuda.device_id)))
+        else:
+            entries.append(name)
+    return entries
+
+
+def make_session(
+    path: Path,
+    providers: List[str],
+    threads: Optional[int],
+    *,
+    cuda: Optional[CudaOptions] = None,
+    tensorrt: Optional[TensorrtOptions] = None,
+    initializers: Optional[Dict[str, np.ndarray]] = None,
+) -> ort.InferenceSession:
+    """One onnxruntime session for a graph file; raises ``ProviderError`` if the first provider did not start.
+
+    ``initializers`` replace the graph's stored weights of those names (the graph must
+    keep them as external data); onnxruntime copies them, so the arrays may be dropped after.
+    """
+    options = session_options(threads)
     if initializers:
         values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in initializers.values()]
         options.add_external_initializers(list(initializers), values)
-    session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    entries = provider_entries(path, providers, cuda, tensorrt)
+    hide_env = without_tensorrt_environment() if TENSORRT in providers else contextlib.nullcontext()
+    with stdout_to_stderr(), hide_env, provider_errors(providers, f"starting {path.name}", creating=True):
+        session = ort.InferenceSession(str(path), sess_options=options, providers=entries)
     if providers[0] != CPU and session.get_providers()[0] != providers[0]:
-        raise ProviderError(
-            f"{providers[0]} did not start for {path.name} (onnxruntime fell back to {session.get_providers()}): "
-            "check the CUDA/cuDNN installation, or use providers='cpu'"
-        )
+        raise ProviderError(_did_not_start(providers[0], path, session.get_providers()))
     return session
+
+
+def _did_not_start(provider: str, path: Path, got: List[str]) -> str:
+    missing = gpu.missing_libraries(gpu.shared_libraries(provider, gpu.ort_cuda_major() or 13))
+    if any("nvinfer" in m or "nvonnxparser" in m for m in missing):
+        fix = gpu.TENSORRT_FIX
+    else:
+        fix = GPU_EXTRA_FIX if missing else "use providers='cpu'"
+    why = f"missing {', '.join(missing)}" if missing else "onnxruntime's log above says why"
+    return f"{provider} did not start for {path.name} (onnxruntime fell back to {got}; {why}): {fix}"
+
+
+def preload_dlls() -> None:
+    """CUDA and cuDNN from pip's nvidia-* packages (wherever on sys.path), TensorRT from ``tensorrt_libs``.
+
+    What onnxruntime prints while loading goes to stderr."""
+    with stdout_to_stderr():
+        if hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()
+        gpu.preload_tensorrt_libs()
+        gpu.preload_nvidia_libs(gpu.shared_libraries(TENSORRT, gpu.ort_cuda_major() or 13))
+
+
+# ---------------------------------------------------------------------- errors and output
+
+
+def _ort_failures() -> tuple:
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    return tuple(getattr(state, name) for name in ("Fail", "EPFail", "RuntimeException") if hasattr(state, name))
+
+
+ORT_FAILURES = _ort_failures()  # not RuntimeError subclasses: `except RuntimeError` misses them
+
+
+@contextlib.contextmanager
+def provider_errors(providers: Sequence[str], doing: str, *, creating: bool = False):
+    """Turn onnxruntime failures on a GPU provider into ``ProviderError`` naming it; CPU failures pass through.
+
+    ``creating``: a session is being created, where onnxruntime also raises
+    plain ``RuntimeError`` for a provider that cannot start.
+    """
+    if not providers or providers[0] == CPU:
+        yield
+        return
+    caught = ORT_FAILURES + ((RuntimeError,) if creating else ())
+    try:
+        yield
+    except T5vhError:
+        raise
+    except caught as exc:
+        message = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:400]
+        raise ProviderError(f"{providers[0]} failed {doing}: {message}; {_hint(message)}") from exc
+
+
+def _hint(message: str) -> str:
+    low = message.lower()
+    if "out of memory" in low or "failed to allocate" in low:
+        return "lower the batch size, free GPU memory, or cap the arena with CudaOptions(gpu_mem_limit=...)"
+    if "no kernel image" in low or "invalid device function" in low or "no_binary_for_gpu" in low:
+        return "this onnxruntime-gpu has no kernels for this GPU: use providers='cpu'"
+    return "use providers='cpu' to run on the CPU"
+
+
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """Send everything written to stdout (Python prints and native writes to fd 1) to stderr inside the block.
+
+    onnxruntime's ``preload_dlls`` and its provider-fallback banner print to
+    stdout, which would corrupt ``t5vh-sample --json`` and ``t5vh-score -o -``.
+    """
+    _flush_all()
+    try:
+        saved = os.dup(1)
+        os.dup2(2, 1)
+    except OSError:  # no fd 1 (a detached process): Python-level redirection only
+        saved = None
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        _flush_all()
+        if saved is not None:
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
+def _flush_all() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if os.name == "posix":
+        try:
+            ctypes.CDLL(None).fflush(None)  # C stdio buffers
+        except (OSError, AttributeError):
+            pass

@@ -122,13 +122,14 @@ def respond(
         u_t = torch.rand(batch, txt_len, dtype=torch.float64, generator=generator)
     else:
         u_t = torch.from_numpy(u)
+    u_t = u_t.to(ids.device)  # the model's device (a GPU too); the results come back on the CPU
     filtering = top_k > 0 or top_p < 1.0
 
-    tokens = torch.empty(batch, txt_len, dtype=torch.long)
-    logprobs = torch.empty(batch, txt_len)
-    sampling_logprobs = torch.empty(batch, txt_len)
-    values = torch.empty(batch, txt_len)
-    start = torch.full((batch, 1), model.config.decoder_start_token_id, dtype=torch.long)
+    tokens = torch.empty(batch, txt_len, dtype=torch.long, device=ids.device)
+    logprobs = torch.empty(batch, txt_len, device=ids.device)
+    sampling_logprobs = torch.empty(batch, txt_len, device=ids.device)
+    values = torch.empty(batch, txt_len, device=ids.device)
+    start = torch.full((batch, 1), model.config.decoder_start_token_id, dtype=torch.long, device=ids.device)
     encoder_outputs = model.get_encoder()(input_ids=ids, attention_mask=mask) if use_cache else None
     decoder_input, past = start, None
     for t in range(txt_len):
@@ -156,11 +157,11 @@ def respond(
         values[:, t] = out.value[:, -1].float()
         decoder_input = token[:, None]
     return Rollout(
-        tokens=tokens,
-        logprobs=logprobs,
-        values=values,
-        attention_mask=query_mask,
-        sampling_logprobs=sampling_logprobs if filtering else None,
+        tokens=tokens.cpu(),
+        logprobs=logprobs.cpu(),
+        values=values.cpu(),
+        attention_mask=query_mask.cpu(),
+        sampling_logprobs=sampling_logprobs.cpu() if filtering else None,
         query_index=torch.arange(query_ids.shape[0]).repeat_interleave(num_samples),
         precision=_precision(model),
     )
@@ -180,7 +181,7 @@ def score(model, queries, responses, attention_mask=None, response_mask=None) ->
         _to_numpy(responses), _to_numpy(response_mask), queries=ids.shape[0], vocab_size=model.config.vocab_size
     )
     ids, mask = ids.repeat_interleave(num_samples, 0), mask.repeat_interleave(num_samples, 0)
-    resp, resp_mask = torch.from_numpy(resp), torch.from_numpy(resp_mask)
+    resp, resp_mask = torch.from_numpy(resp).to(ids.device), torch.from_numpy(resp_mask).to(ids.device)
     out = model(input_ids=ids, attention_mask=mask, decoder_input_ids=model._shift_right(resp))
     logits = out.logits.float()
     logz = logsumexp(logits)
@@ -189,10 +190,10 @@ def score(model, queries, responses, attention_mask=None, response_mask=None) ->
     entropy = logz - (probs * logits).sum(-1)
     keep = resp_mask.to(logits.dtype)
     return Scores(
-        logprobs=logprobs * keep,
-        values=out.value.float() * keep,
-        entropy=entropy * keep,
-        response_mask=resp_mask,
+        logprobs=(logprobs * keep).cpu(),
+        values=(out.value.float() * keep).cpu(),
+        entropy=(entropy * keep).cpu(),
+        response_mask=resp_mask.cpu(),
         precision=_precision(model),
     )
 

@@ -8,6 +8,25 @@ import pytest
 from t5vh_fast.demo import write_demo
 
 
+def gpu_skip_reason():
+    """Why the ``gpu`` tests cannot run here, or None when they can."""
+    from t5vh_fast import gpu
+    from t5vh_fast.providers import CUDA, ort
+
+    if CUDA not in ort.get_available_providers():
+        return "onnxruntime has no CUDAExecutionProvider: pip install 't5vh_fast[gpu]'"
+    problem = gpu.gpu_problem(gpu.probe(), 0, gpu.ort_cuda_major())
+    return f"needs a GPU onnxruntime-gpu runs on: {problem}" if problem else None
+
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu`` tests skip, with the reason, where there is no usable GPU."""
+    marked = [item for item in items if "gpu" in item.keywords]
+    reason = gpu_skip_reason() if marked else None
+    for item in marked if reason else []:
+        item.add_marker(pytest.mark.skip(reason=reason))
+
+
 def tol(reference) -> float:
     """DESIGN.md §5: 1e-4 x max(1, max |reference|)."""
     return 1e-4 * max(1.0, float(np.abs(np.asarray(reference)).max()))

@@ -13,7 +13,6 @@ import torch
 from scipy import stats
 
 import t5vh_fast
-from t5vh_fast import providers as providers_module
 from t5vh_fast import rollout as rollout_module
 from t5vh_fast.errors import ExportError
 from t5vh_fast.manifest import FORMAT_VERSION, MANIFEST_NAME
@@ -265,56 +264,6 @@ def test_exports_of_format_1_load_with_optimums_layout(tmp_path, tiny_export):
     policy = t5vh_fast.load(old, providers="cpu")
     assert policy.decoder.layout == "split"
     assert policy.respond_to_batch([[5, 6, 1]], txt_len=3, seed=0).tokens.shape == (1, 3)
-
-
-# ---------------------------------------------------------------------- providers
-
-
-def test_provider_choice(monkeypatch):
-    cpu, cuda, trt = providers_module.CPU, providers_module.CUDA, providers_module.TENSORRT
-    monkeypatch.setattr(providers_module.ort, "get_available_providers", lambda: [trt, cuda, cpu])
-    monkeypatch.setattr(providers_module, "cuda_device_present", lambda: False)
-    assert providers_module.resolve_providers("auto") == [cpu]
-    assert providers_module.resolve_providers("cpu") == [cpu]
-    assert providers_module.resolve_providers("cuda") == [cuda, cpu]
-    assert providers_module.resolve_providers("tensorrt") == [trt, cuda, cpu]
-    assert providers_module.resolve_providers([cpu]) == [cpu]
-    monkeypatch.setattr(providers_module, "cuda_device_present", lambda: True)
-    assert providers_module.resolve_providers("auto") == [cuda, cpu]
-    monkeypatch.setattr(providers_module.ort, "get_available_providers", lambda: [cpu])
-    assert providers_module.resolve_providers("auto") == [cpu]
-    with pytest.raises(ValueError, match="needs CUDAExecutionProvider.*providers='cpu'"):
-        providers_module.resolve_providers("cuda")
-    with pytest.raises(ValueError, match="not available"):
-        providers_module.resolve_providers(["MadeUpExecutionProvider"])
-    with pytest.raises(ValueError, match="not one of"):
-        providers_module.resolve_providers("gpu-please")
-
-
-@pytest.mark.skipif(providers_module.cuda_device_present(), reason="needs a machine without a GPU")
-def test_cuda_fallback_is_detected(tiny_export, monkeypatch):
-    """onnxruntime-gpu lists CUDA here but silently falls back to CPU: 'cuda' fails loudly, 'auto' uses CPU."""
-    if providers_module.CUDA not in providers_module.ort.get_available_providers():
-        pytest.skip("this onnxruntime has no CUDA provider")
-    with pytest.raises(RuntimeError, match="did not start"):
-        t5vh_fast.load(tiny_export, providers="cuda")
-    monkeypatch.setattr(providers_module, "cuda_device_present", lambda: True)  # the driver probe lies
-    policy = t5vh_fast.load(tiny_export, providers="auto")
-    assert policy.providers == [providers_module.CPU]
-    assert policy.respond_to_batch([[5, 6, 1]], txt_len=3, seed=0).tokens.shape == (1, 3)
-
-
-@pytest.mark.skipif(not providers_module.cuda_device_present(), reason="needs a GPU")
-def test_cuda_parity(tiny_export, reference):
-    policy = t5vh_fast.load(tiny_export, providers="cuda")
-    assert policy.providers[0] == providers_module.CUDA
-    ids, mask = mixed_queries(256, 256, seed=20, max_len=20)
-    u = np.random.default_rng(21).random((256, 16))
-    ours = policy.respond_to_batch(ids, mask, txt_len=16, uniforms=u)
-    ref = reference.respond_to_batch(ids, mask, txt_len=16, uniforms=u)
-    assert (ours.tokens == ref.tokens.numpy()).mean() >= 0.999
-    same = np.cumprod(ours.tokens == ref.tokens.numpy(), axis=1).astype(bool)
-    assert np.abs(ours.values - ref.values.numpy())[same].max() <= tol(ref.values)
 
 
 # ---------------------------------------------------------------------- no torch

@@ -20,6 +20,7 @@ from .._files import replace_dir, sha256_file, write_json_atomic
 from ..checkpoint import load_reference
 from ..errors import NonFiniteError, OutputError, ParityError, PathExists, PathNotFound
 from ..manifest import DECODER, DECODER_MERGED, DECODER_WITH_PAST, ENCODER, FORMAT_VERSION, MANIFEST_NAME
+from ..tensorrt import graph_input_dims
 from ..weights import ModelSpec, plan_record
 from .check import TOLERANCE, check_export, format_report
 from .graph import OPSET
@@ -104,6 +105,7 @@ def export(
             "layouts": layouts,
             "files": {name: sha256_file(tmp / name) for name in files},
             "weights": {"single": plan_record(ModelSpec.from_config(model.config.to_dict()), "fp32")},
+            "graphs": {name: {"inputs": graph_input_dims(tmp / name)} for name in files if name.endswith(".onnx")},
             "parity": {"tolerance": TOLERANCE, "graphs": report},
             "versions": library_versions(),
             "source": str(Path(model_dir).expanduser().resolve()),
