@@ -34,16 +34,26 @@ def read_manifest(export_dir, *, verify_hashes: bool = True, only=None) -> dict:
             f"{root} has no {MANIFEST_NAME}: it is not a t5vh export. Create one with `t5vh-export MODEL_DIR`"
         )
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        manifest = json.loads(path.read_bytes())
+    except ValueError as exc:  # not JSON, or not UTF-8
         raise ExportError(f"{path} is not valid JSON ({exc}): re-export the model") from None
+    if not isinstance(manifest, dict):
+        raise ExportError(f"{path} holds a JSON {type(manifest).__name__}, not a manifest object: re-export the model")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise ExportError(
             f"{root} was exported in t5vh format version {version!r}; this t5vh_fast reads version "
             f"{FORMAT_VERSION}. Re-export it with this version's `t5vh-export`"
         )
-    for name, expected in manifest.get("files", {}).items():
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise ExportError(f"{path} has no valid 'files' table of graph hashes: the export is damaged; re-export it")
+    unlisted = sorted(set(only or ()) - set(files))
+    if verify_hashes and unlisted and (root / unlisted[0]).exists():
+        raise ExportError(
+            f"{path} does not list {unlisted[0]}, so its hash cannot be checked: the export is damaged; re-export it"
+        )
+    for name, expected in files.items():
         if only is not None and name not in only:
             continue
         file = root / name

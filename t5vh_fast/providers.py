@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence, Union
 
 import onnxruntime as ort
 
-from .errors import InputError, ProviderError
+from .errors import ExportError, InputError, ProviderError
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -78,7 +78,15 @@ def make_session(path: Path, providers: List[str], threads: Optional[int]) -> or
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    try:
+        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except Exception as exc:  # onnxruntime's own exception types (InvalidProtobuf, Fail, ...) derive from Exception
+        detail = " ".join(str(exc).split())[:300]
+        hint = "re-export the model" if providers[0] == CPU else "re-export the model, or try providers='cpu'"
+        raise ExportError(
+            f"onnxruntime cannot load {path} ({type(exc).__name__}: {detail}): the file is damaged or not "
+            f"an ONNX graph; {hint}"
+        ) from None
     if providers[0] != CPU and session.get_providers()[0] != providers[0]:
         raise ProviderError(
             f"{providers[0]} did not start for {path.name} (onnxruntime fell back to {session.get_providers()}): "

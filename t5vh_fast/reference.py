@@ -14,7 +14,15 @@ from typing import Optional
 import torch
 
 from .errors import NonFiniteError
-from .inputs import as_token_batch, check_response_batch, check_sampling_options, check_uniforms, resolve_txt_len
+from .inputs import (
+    DEFAULT_MAX_QUERY_TOKENS,
+    as_token_batch,
+    check_query_length,
+    check_response_batch,
+    check_sampling_options,
+    check_uniforms,
+    resolve_txt_len,
+)
 from .results import Rollout, Scores
 
 # ---------------------------------------------------------------------- sampling math (torch)
@@ -83,6 +91,7 @@ def respond(
     uniforms=None,
     generator: Optional[torch.Generator] = None,
     use_cache: bool = True,
+    max_query_tokens: int = DEFAULT_MAX_QUERY_TOKENS,
 ) -> Rollout:
     """Sample exactly ``txt_len`` tokens per query with the plain sampler.
 
@@ -94,7 +103,8 @@ def respond(
     or from ``generator``, and appends it. Never stops at EOS, never masks EOS,
     never pads. ``max_length`` is the old name of ``txt_len`` (default 20).
     ``use_cache=False`` re-runs the whole model on the growing sequence every
-    step (the slow original loop, kept as a baseline).
+    step (the slow original loop, kept as a baseline). Queries longer than
+    ``max_query_tokens`` are refused.
 
     Returns a ``Rollout`` of torch tensors: tokens, log-probs under the
     unfiltered distribution, values, and (with filtering) the log-probs under
@@ -102,7 +112,7 @@ def respond(
     """
     txt_len = resolve_txt_len(txt_len, max_length)
     check_sampling_options(txt_len, top_k, top_p)
-    ids, mask = _batch(model, queries, attention_mask)
+    ids, mask = _batch(model, queries, attention_mask, max_query_tokens)
     batch = ids.shape[0]
     u = check_uniforms(uniforms, batch, txt_len)
     if u is None:
@@ -152,13 +162,16 @@ def respond(
 
 
 @torch.no_grad()
-def score(model, queries, responses, attention_mask=None, response_mask=None) -> Scores:
+def score(
+    model, queries, responses, attention_mask=None, response_mask=None, *, max_query_tokens=DEFAULT_MAX_QUERY_TOKENS
+) -> Scores:
     """Teacher-forced log-probs, values and entropy of given responses, in one forward pass.
 
     ``responses``: B x T right-padded token ids, ``response_mask`` B x T (all
-    ones when omitted). Returns ``Scores`` of torch tensors, 0 where masked.
+    ones when omitted). Returns ``Scores`` of torch tensors, 0 where masked;
+    raises ``NonFiniteError`` naming the row when a number is NaN or inf.
     """
-    ids, mask = _batch(model, queries, attention_mask)
+    ids, mask = _batch(model, queries, attention_mask, max_query_tokens)
     resp, resp_mask = check_response_batch(
         _to_numpy(responses), _to_numpy(response_mask), queries=ids.shape[0], vocab_size=model.config.vocab_size
     )
@@ -169,17 +182,27 @@ def score(model, queries, responses, attention_mask=None, response_mask=None) ->
     logprobs = logits.gather(-1, resp[..., None]).squeeze(-1) - logz
     probs = torch.softmax(logits, dim=-1)
     entropy = logz - (probs * logits).sum(-1)
-    keep = resp_mask.to(logits.dtype)
+    values = out.value.float()
+    keep = resp_mask.bool()
+    bad = keep & ~(torch.isfinite(logprobs) & torch.isfinite(values) & torch.isfinite(entropy))
+    if bad.any():
+        row, position = map(int, torch.nonzero(bad)[0])
+        raise NonFiniteError(
+            f"non-finite logits or value (NaN or inf) at row {row}, response position {position}: "
+            "the model or its export is broken (fp16 overflow?); refusing to score garbage",
+            row=row,
+        )
     return Scores(
-        logprobs=logprobs * keep,
-        values=out.value.float() * keep,
-        entropy=entropy * keep,
+        logprobs=logprobs.masked_fill(~keep, 0.0),
+        values=values.masked_fill(~keep, 0.0),
+        entropy=entropy.masked_fill(~keep, 0.0),
         response_mask=resp_mask,
     )
 
 
-def _batch(model, queries, attention_mask):
+def _batch(model, queries, attention_mask, max_query_tokens):
     ids, mask = as_token_batch(_to_numpy(queries), _to_numpy(attention_mask), vocab_size=model.config.vocab_size)
+    check_query_length(ids, max_query_tokens)
     device = model.device
     return torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
 
