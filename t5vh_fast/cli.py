@@ -18,6 +18,9 @@ import click
 
 from . import __version__
 from .errors import T5vhError
+from .inputs import DEFAULT_MAX_QUERY_TOKENS
+
+_MAX_QUERY_TOKENS_HELP = "Longest query, in tokens: longer ones are refused (memory grows with its square)."
 
 
 def user_errors(func):
@@ -181,8 +184,13 @@ def demo_run(size, cache_dir, txt_len, threads):
 @click.option("-n", "--num-return-sequences", type=int, default=1, show_default=True)
 @click.option("--providers", default="auto", show_default=True, help="auto, cpu, cuda or tensorrt.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines with tokens, logprobs and values.")
+@click.option(
+    "--max-query-tokens", type=int, default=DEFAULT_MAX_QUERY_TOKENS, show_default=True, help=_MAX_QUERY_TOKENS_HELP
+)
 @user_errors
-def sample_command(export_dir, texts, txt_len, top_k, top_p, seed, num_return_sequences, providers, as_json):
+def sample_command(
+    export_dir, texts, txt_len, top_k, top_p, seed, num_return_sequences, providers, as_json, max_query_tokens
+):
     """Sample responses to TEXTS from an export (the seed notebook's paraphrase demo).
 
     \b
@@ -195,8 +203,10 @@ def sample_command(export_dir, texts, txt_len, top_k, top_p, seed, num_return_se
         raise click.BadParameter(f"must be >= 1, got {num_return_sequences}", param_hint="--num-return-sequences")
     policy = load(export_dir, providers=providers)
     repeated = [t for t in texts for _ in range(num_return_sequences)]
-    ids, mask = policy.encode_text(repeated)
-    rollout = policy.respond_to_batch(ids, mask, txt_len=txt_len, top_k=top_k, top_p=top_p, seed=seed)
+    ids, mask = policy.encode_text(repeated, max_query_tokens=max_query_tokens)
+    rollout = policy.respond_to_batch(
+        ids, mask, txt_len=txt_len, top_k=top_k, top_p=top_p, seed=seed, max_query_tokens=max_query_tokens
+    )
     responses = policy.decode_text(rollout.tokens)
     for row, (text, response) in enumerate(zip(repeated, responses)):
         if as_json:
@@ -219,8 +229,13 @@ def sample_command(export_dir, texts, txt_len, top_k, top_p, seed, num_return_se
 
 @click.command(name="t5vh-score")
 @click.argument("export_dir", type=click.Path(path_type=Path))
-@click.argument("input_file", type=click.File("r", encoding="utf-8"))
-@click.option("-o", "--output", required=True, help="Output JSONL path, or - for stdout. An existing file is resumed.")
+@click.argument("input_file", type=click.File("rb"))
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    help="Output JSONL path, or - for stdout. An output this command wrote is resumed, with the same settings only.",
+)
 @click.option(
     "--ref", "ref_dir", type=click.Path(path_type=Path), default=None, help="Reference export for KL and reward."
 )
@@ -229,6 +244,9 @@ def sample_command(export_dir, texts, txt_len, top_k, top_p, seed, num_return_se
 )
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--max-tokens", type=int, default=512, show_default=True, help="Longest query + response, in tokens.")
+@click.option(
+    "--max-query-tokens", type=int, default=DEFAULT_MAX_QUERY_TOKENS, show_default=True, help=_MAX_QUERY_TOKENS_HELP
+)
 @click.option(
     "--sort-window", type=int, default=16, show_default=True, help="Batches read ahead and sorted by length (1 = off)."
 )
@@ -247,6 +265,7 @@ def score_command(
     beta,
     batch_size,
     max_tokens,
+    max_query_tokens,
     sort_window,
     errors_path,
     fail_fast,
@@ -257,20 +276,22 @@ def score_command(
 
     Rows: {"id": ..., "query": "..." or "query_ids": [...], "response": "..."
     or "response_ids": [...], "score": 1.0 (optional)}. Run it again with the
-    same OUTPUT after an interruption: scored ids are skipped.
+    same OUTPUT after an interruption: scored ids are skipped. OUTPUT must be
+    new or written by this command with the same exports and options (they
+    are recorded in OUTPUT.t5vh-job.json), and one job at a time writes it.
 
     \b
     Example:
         t5vh-score demo-model-onnx rows.jsonl -o scored.jsonl --ref demo-model-onnx --beta 0.1
     """
     from . import load
-    from .job import run_job
+    from .job import default_errors_path, run_job
 
     policy = load(export_dir, providers=providers, threads=threads)
     ref_policy = load(ref_dir, providers=providers, threads=threads) if ref_dir is not None else None
     output_path = None if output == "-" else Path(output)
-    if errors_path is None and output_path is not None:
-        errors_path = str(output_path) + ".errors.jsonl"
+    if errors_path is None:
+        errors_path = default_errors_path(output_path)
     summary = run_job(
         policy,
         input_file,
@@ -280,6 +301,7 @@ def score_command(
         beta=beta,
         batch_size=batch_size,
         max_tokens=max_tokens,
+        max_query_tokens=max_query_tokens,
         sort_window=sort_window,
         fail_fast=fail_fast,
         progress=_stderr_is_terminal(),

@@ -14,6 +14,7 @@ host as NumPy arrays. No torch here.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -295,21 +296,13 @@ class SingleDecoder(OnnxDecoder):
         out = self.graphs[0].run(feeds)
         rows = ids.shape[0] * num_samples
         capacity = capacity or 1
-        cache = [
-            ort.OrtValue.ortvalue_from_shape_and_type(
-                (rows, self._heads, capacity, self._d_kv), np.float32, self.device, self.device_id
-            )
-            for _ in self._past
-        ]
         cross = [out[n] for n in self._cross]
-        return DecoderState(cache, cross, None, feeds["attention_mask"], rows=rows, capacity=capacity)
+        return DecoderState(self._cache(rows, capacity), cross, None, feeds["attention_mask"], rows, 0, capacity)
 
     def step(self, state, tokens, select=None):
         rows, steps = tokens.shape
         if state.length + steps > state.capacity:
-            raise InputError(
-                f"decoder step past the cache: {state.length} + {steps} positions > capacity {state.capacity}"
-            )
+            state = self._grown(state, state.length + steps)
         if select is None:
             select = np.arange(rows * steps, dtype=np.int64)
         feeds = {
@@ -332,6 +325,23 @@ class SingleDecoder(OnnxDecoder):
             state.capacity,
         )
         return out["logits"].numpy(), out["value"].numpy(), new_state
+
+    def _cache(self, rows: int, capacity: int) -> list:
+        shape = (rows, self._heads, capacity, self._d_kv)
+        return [
+            ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, self.device, self.device_id)
+            for _ in self._past
+        ]
+
+    def _grown(self, state: DecoderState, capacity: int) -> DecoderState:
+        """The state with a longer KV cache (a copy through the host: callers that pass ``capacity``
+        to ``encode`` never need this)."""
+        cache = self._cache(state.rows, capacity)
+        for old, new in zip(state.self_kv, cache):
+            grown = np.empty(new.shape(), dtype=np.float32)
+            grown[:, :, : state.length] = old.numpy()[:, :, : state.length]
+            new.update_inplace(grown)
+        return dataclasses.replace(state, self_kv=cache, capacity=capacity)
 
     def _encoder_position_bias(self, length: int) -> np.ndarray:
         """1 x H x S x S: the bias of key position k for query position q, by bucket of k - q."""

@@ -48,4 +48,10 @@ class ProviderError(T5vhError, RuntimeError):
 
 
 class NonFiniteError(T5vhError, FloatingPointError):
-    """NaN or inf in weights, logits or values: refusing to produce garbage numbers."""
+    """NaN or inf in weights, logits or values: refusing to produce garbage numbers.
+
+    ``row``: the batch row whose numbers are not finite, when one is to blame."""
+
+    def __init__(self, message: str, *, row=None):
+        super().__init__(message)
+        self.row = row

@@ -14,16 +14,59 @@ import numpy as np
 
 from .errors import InputError
 
+# The longest query (in tokens) a call accepts unless told otherwise. T5's relative positions set no
+# hard limit, but encoder memory grows with the square of the query length: at 2048 tokens (4x the
+# 512 T5 was trained on) a t5-small-shaped encoder holds 8 heads x 2048^2 floats = 134 MB of
+# attention scores per row; a 32,000-character text (~8,000 tokens) needs 16x that and was OOM-killed.
+DEFAULT_MAX_QUERY_TOKENS = 2048
+# Raw text longer than this many characters per allowed token is refused before tokenizing.
+MAX_CHARS_PER_TOKEN = 32
 
-def _is_int(value) -> bool:
+
+def is_integer(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def check_positive_int(name: str, value) -> None:
+    """``value`` is a positive integer (Python or NumPy)."""
+    if not is_integer(value) or value < 1:
+        raise InputError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_query_length(ids: np.ndarray, max_query_tokens) -> None:
+    """Checked B x S query ids are at most ``max_query_tokens`` long."""
+    check_positive_int("max_query_tokens", max_query_tokens)
+    if ids.shape[1] > max_query_tokens:
+        raise InputError(
+            f"queries are {ids.shape[1]} tokens long, more than max_query_tokens={max_query_tokens} "
+            "(memory grows with the square of the length): shorten them, or raise max_query_tokens"
+        )
+
+
+def check_text(text, name: str, *, max_tokens: int, limit_name: str = "max_query_tokens") -> None:
+    """``text`` is a str, valid Unicode, and not absurdly long for ``max_tokens`` tokens (checked
+    before tokenizing; the token count is checked after)."""
+    if not isinstance(text, str):
+        raise InputError(f"{name} must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(
+            f"{name} is not valid UTF-8: character {exc.start} is {text[exc.start]!r} "
+            "(a byte that is not UTF-8, or a lone surrogate escape)"
+        ) from None
+    if len(text) > MAX_CHARS_PER_TOKEN * max_tokens:
+        raise InputError(
+            f"{name} is {len(text)} characters long, far more than {limit_name}={max_tokens} tokens can hold: "
+            "shorten it"
+        )
 
 
 def check_sampling_options(txt_len, top_k, top_p) -> None:
     """Validate ``respond_to_batch`` options once, before any work."""
-    if not _is_int(txt_len) or txt_len <= 0:
+    if not is_integer(txt_len) or txt_len <= 0:
         raise InputError(f"txt_len must be a positive integer, got {txt_len!r}")
-    if not _is_int(top_k) or top_k < 0:
+    if not is_integer(top_k) or top_k < 0:
         raise InputError(f"top_k must be an integer >= 0 (0 turns top-k off), got {top_k!r}")
     if isinstance(top_p, (bool, np.bool_)) or not isinstance(top_p, numbers.Real) or not (0.0 < float(top_p) <= 1.0):
         raise InputError(f"top_p must be in (0, 1] (1.0 turns top-p off), got {top_p!r}")
@@ -127,7 +170,7 @@ def check_response_batch(responses, response_mask, *, queries: int, vocab_size: 
 
 def check_num_samples(num_samples) -> None:
     """``num_samples``: responses per query, an integer >= 1."""
-    if not _is_int(num_samples) or num_samples < 1:
+    if not is_integer(num_samples) or num_samples < 1:
         raise InputError(f"num_samples must be an integer >= 1 (responses per query), got {num_samples!r}")
 
 
@@ -151,5 +194,5 @@ def check_uniforms(uniforms, batch: int, txt_len: int, num_samples: int = 1) -> 
 
 def check_seed(seed) -> None:
     """``seed`` is None or an integer >= 0 (numpy's PCG64 takes no negative seeds)."""
-    if seed is not None and (not _is_int(seed) or seed < 0):
+    if seed is not None and (not is_integer(seed) or seed < 0):
         raise InputError(f"seed must be an integer >= 0 or None, got {seed!r}")

@@ -3,22 +3,40 @@
 ``score_rows`` is the library entry point (an iterator of dicts in, an iterator
 of dicts out) for Ray/Spark-style jobs; ``run_job`` adds the files: output and
 errors JSONL, resume after a crash, progress and a summary.
+
+What ``run_job`` may do to files (docs/contract.md, "Batch scoring"): input,
+output and errors are three different files; only a regular output file is
+locked, fingerprinted and read back (devices, pipes and stdout are only
+written); an existing output is resumed only when ``OUTPUT.t5vh-job.json``
+beside it holds the same fingerprint, and an output it did not write is refused.
 """
 
 from __future__ import annotations
 
+import codecs
+import contextlib
+import io
 import itertools
 import json
 import math
+import numbers
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, TextIO
 
-from .errors import InputError
-from .inputs import pad_batch
-from .scoring import reward
+import numpy as np
+
+from ._files import exclusive_lock, is_regular_or_missing, same_regular_file, sha256_file, write_json_atomic
+from .errors import InputError, NonFiniteError, OutputError, PathNotFound
+from .inputs import DEFAULT_MAX_QUERY_TOKENS, check_positive_int, check_text, is_integer, pad_batch
+from .manifest import MANIFEST_NAME
+from .scoring import check_beta, reward
+
+JOB_FILE_SUFFIX = ".t5vh-job.json"  # the fingerprint beside an output: OUTPUT.t5vh-job.json
+JOB_FILE_FORMAT = 1
+MAX_LINE_BYTES = 1 << 24  # a longer input line is a bad row, read in pieces: memory stays bounded
 
 
 @dataclass(frozen=True)
@@ -42,21 +60,25 @@ class BadRow:
         return {"line": self.line, "id": self.id, "error": self.reason}
 
 
-def parse_row(line_no: int, raw, *, policy, max_tokens: int):
+def parse_row(line_no: int, raw, *, policy, max_tokens: int, max_query_tokens: int = DEFAULT_MAX_QUERY_TOKENS):
     """A ``Row`` or a ``BadRow`` saying what is wrong with it; ``raw`` is a dict or a JSON string."""
     if isinstance(raw, str):
-        try:
-            raw = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            return BadRow(line_no, None, f"invalid JSON: {exc.msg} at column {exc.colno}")
+        raw = load_json(line_no, raw)
+        if isinstance(raw, BadRow):
+            return raw
     if not isinstance(raw, dict):
         return BadRow(line_no, None, f"a row must be a JSON object, got {type(raw).__name__}")
     row_id = raw.get("id")
+    row_id = row_id.item() if isinstance(row_id, np.generic) else row_id
     if row_id is None:
         return BadRow(line_no, None, "missing field 'id'")
     try:
-        query = _tokens(raw, "query", policy, add_eos=True)
-        response = _tokens(raw, "response", policy, add_eos=False)
+        _id_key(row_id)
+    except (TypeError, ValueError):
+        return BadRow(line_no, None, f"'id' must be a string or a finite number, got {row_id!r:.60}")
+    try:
+        query = _tokens(raw, "query", policy, add_eos=True, max_tokens=max_tokens)
+        response = _tokens(raw, "response", policy, add_eos=False, max_tokens=max_tokens)
     except ValueError as exc:
         return BadRow(line_no, row_id, str(exc))
     if not query:
@@ -69,27 +91,51 @@ def parse_row(line_no: int, raw, *, policy, max_tokens: int):
             return BadRow(
                 line_no, row_id, f"{name} token id {bad[0]} is outside the vocabulary [0, {policy.vocab_size})"
             )
+    if len(query) > max_query_tokens:
+        return BadRow(line_no, row_id, f"query too long: {len(query)} tokens > --max-query-tokens {max_query_tokens}")
     if len(query) + len(response) > max_tokens:
         return BadRow(line_no, row_id, f"too long: {len(query)} + {len(response)} tokens > --max-tokens {max_tokens}")
     score = raw.get("score")
     if score is not None and (
-        isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score)
+        isinstance(score, (bool, np.bool_)) or not isinstance(score, numbers.Real) or not math.isfinite(score)
     ):
         return BadRow(line_no, row_id, f"'score' must be a finite number, got {score!r}")
     return Row(line_no, row_id, query, response, None if score is None else float(score))
 
 
-def _tokens(raw: dict, name: str, policy, *, add_eos: bool) -> list:
+def load_json(line_no: int, text: str):
+    """The JSON value of one input line, or a ``BadRow``. NaN and infinities are refused: they are
+    not JSON, and an id or score holding one would be written back as invalid JSON."""
+    try:
+        return json.loads(text, parse_constant=_not_json, parse_float=_finite_float)
+    except json.JSONDecodeError as exc:
+        return BadRow(line_no, None, f"invalid JSON: {exc.msg} at column {exc.colno}")
+    except ValueError as exc:
+        return BadRow(line_no, None, f"invalid JSON: {exc}")
+
+
+def _not_json(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text} is out of range")
+    return value
+
+
+def _tokens(raw: dict, name: str, policy, *, add_eos: bool, max_tokens: int) -> list:
     ids = raw.get(f"{name}_ids")
     if ids is not None:
-        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        ids = ids.tolist() if isinstance(ids, np.ndarray) else ids
+        if not isinstance(ids, (list, tuple)) or not all(is_integer(t) for t in ids):
             raise ValueError(f"'{name}_ids' must be a list of integers")
-        return ids
+        return [int(t) for t in ids]
     text = raw.get(name)
     if text is None:
         raise ValueError(f"missing field '{name}' or '{name}_ids'")
-    if not isinstance(text, str):
-        raise ValueError(f"'{name}' must be a string")
+    check_text(text, f"'{name}'", max_tokens=max_tokens, limit_name="--max-tokens")
     return policy.tokenizer.encode(text, add_special_tokens=add_eos).ids
 
 
@@ -101,24 +147,29 @@ def score_rows(
     beta: float = 0.1,
     batch_size: int = 32,
     max_tokens: int = 512,
+    max_query_tokens: int = DEFAULT_MAX_QUERY_TOKENS,
     sort_window: int = 16,
 ) -> Iterator[dict]:
     """Score an iterable of rows (dicts or JSON strings) lazily; yields one dict per row.
 
     Good rows give ``id, response_ids, logprobs, values, entropy`` (plus
     ``ref_logprobs, kl`` with ``ref_policy`` and ``reward`` when the row has a
-    ``score``); bad rows give ``line, id, error``. Rows are read
-    ``batch_size * sort_window`` at a time and batched by length to cut
-    padding, so output order is not input order: match on ``id``.
+    ``score``); bad rows give ``line, id, error``, and so does a row whose id an
+    earlier row had. Rows are read ``batch_size * sort_window`` at a time and
+    batched by length to cut padding, so output order is not input order:
+    match on ``id``. Options are checked here, when called, not when the
+    first row is read; a non-finite number raises ``NonFiniteError``.
     """
-    _check_job_options(batch_size=batch_size, max_tokens=max_tokens, sort_window=sort_window, beta=beta)
-    parsed = (parse_row(n, raw, policy=policy, max_tokens=max_tokens) for n, raw in enumerate(rows, start=1))
-    for batch in _batches(policy, parsed, ref_policy, beta, batch_size, sort_window):
-        for _, record in batch:
-            yield record
+    _check_job_options(policy, ref_policy, beta, batch_size, max_tokens, max_query_tokens, sort_window)
+    parsed = _first_occurrences(
+        parse_row(n, raw, policy=policy, max_tokens=max_tokens, max_query_tokens=max_query_tokens)
+        for n, raw in enumerate(rows, start=1)
+    )
+    batches = _batches(policy, parsed, ref_policy, beta, int(batch_size), int(sort_window), max_query_tokens)
+    return (record for batch in batches for _, record in batch)
 
 
-def _batches(policy, parsed: Iterator, ref_policy, beta: float, batch_size: int, sort_window: int):
+def _batches(policy, parsed: Iterator, ref_policy, beta: float, batch_size: int, sort_window: int, max_query_tokens):
     """Lists of ``(row, output record)``: bad rows first, then length-sorted batches of each window."""
     while True:
         window = list(itertools.islice(parsed, batch_size * sort_window))
@@ -130,14 +181,16 @@ def _batches(policy, parsed: Iterator, ref_policy, beta: float, batch_size: int,
         good = sorted((r for r in window if isinstance(r, Row)), key=lambda r: (len(r.query_ids), len(r.response_ids)))
         for start in range(0, len(good), batch_size):
             batch = good[start : start + batch_size]
-            yield list(zip(batch, _score_batch(policy, batch, ref_policy, beta)))
+            yield list(zip(batch, _score_batch(policy, batch, ref_policy, beta, max_query_tokens)))
 
 
-def _score_batch(policy, batch: list, ref_policy, beta: float) -> list:
+def _score_batch(policy, batch: list, ref_policy, beta: float, max_query_tokens: int) -> list:
     ids, mask = pad_batch([r.query_ids for r in batch], pad_id=policy.pad_token_id)
     resp, resp_mask = pad_batch([r.response_ids for r in batch], pad_id=policy.pad_token_id)
-    scores = policy.score(ids, resp, mask, resp_mask)
-    ref = ref_policy.score(ids, resp, mask, resp_mask) if ref_policy is not None else None
+    scores = _score(policy, "policy", batch, ids, resp, mask, resp_mask, max_query_tokens)
+    ref = None
+    if ref_policy is not None:
+        ref = _score(ref_policy, "reference", batch, ids, resp, mask, resp_mask, max_query_tokens)
     out = []
     for i, row in enumerate(batch):
         n = len(row.response_ids)
@@ -158,15 +211,55 @@ def _score_batch(policy, batch: list, ref_policy, beta: float) -> list:
     return out
 
 
-def _check_job_options(*, batch_size, max_tokens, sort_window, beta):
-    for name, value in (("batch_size", batch_size), ("max_tokens", max_tokens), ("sort_window", sort_window)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InputError(f"{name} must be a positive integer, got {value!r}")
-    if not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta < 0:
-        raise InputError(f"beta must be a finite number >= 0, got {beta!r}")
+def _score(model, which: str, batch: list, ids, resp, mask, resp_mask, max_query_tokens: int):
+    """``model.score`` on a padded batch; a NaN or inf is reported with the input line and id it came from."""
+    try:
+        return model.score(ids, resp, mask, resp_mask, max_query_tokens=max_query_tokens)
+    except NonFiniteError as exc:
+        if exc.row is None:
+            raise
+        row = batch[exc.row]
+        raise NonFiniteError(
+            f"line {row.line} (id {row.id!r}): the {which} model gives NaN or inf logits or values: it or its "
+            "export is broken; nothing of this batch was written (rows written before are kept)",
+            row=exc.row,
+        ) from None
+
+
+def _check_job_options(policy, ref_policy, beta, batch_size, max_tokens, max_query_tokens, sort_window) -> None:
+    for name, value in (
+        ("batch_size", batch_size),
+        ("max_tokens", max_tokens),
+        ("max_query_tokens", max_query_tokens),
+        ("sort_window", sort_window),
+    ):
+        check_positive_int(name, value)
+    check_beta(beta)
+    if ref_policy is not None and ref_policy.vocab_size != policy.vocab_size:
+        raise InputError(
+            f"the reference model's vocabulary differs from the policy's ({ref_policy.vocab_size} vs "
+            f"{policy.vocab_size} tokens): KL compares the same tokens under both models; export the reference "
+            "from the policy's base model"
+        )
 
 
 # ---------------------------------------------------------------------- files and resume
+
+
+def job_file(output: Path) -> Path:
+    """``OUTPUT.t5vh-job.json``: the fingerprint of the job that writes ``output``."""
+    return output.with_name(output.name + JOB_FILE_SUFFIX)
+
+
+def job_fingerprint(policy, ref_policy=None, **options) -> dict:
+    """What decides the numbers in an output: the sha256 of each export's manifest (which covers its
+    graphs, precision and versions) and the options that change numbers or which rows are scored.
+    New entries (a weights version, ...) are new keys: an older job file lacking one never matches."""
+    return {
+        "policy_manifest_sha256": sha256_file(Path(policy.root) / MANIFEST_NAME),
+        "ref_manifest_sha256": None if ref_policy is None else sha256_file(Path(ref_policy.root) / MANIFEST_NAME),
+        **options,
+    }
 
 
 def recover_output(path: Optional[Path]) -> set:
@@ -180,18 +273,24 @@ def recover_errors(path: Optional[Path]) -> set:
 
 
 def _complete_lines(path: Optional[Path], field: str) -> list:
-    """``field`` of every complete JSON line of ``path``; a torn tail (killed mid-write) is cut off."""
+    """``field`` of every record of a file the job wrote; a torn last line (killed mid-write) is cut off.
+
+    Any other line that is not such a record means the job did not write the
+    file: it is refused, and not one byte of it is changed."""
     if path is None or not path.exists():
         return []
     values, good_end = [], 0
     with open(path, "rb") as f:
-        for line in f:
+        for line_no, line in enumerate(f, start=1):
             try:
-                if not line.endswith(b"\n"):
-                    raise ValueError("torn line")
                 values.append(json.loads(line)[field])
-            except (ValueError, KeyError, TypeError):
-                break
+            except (ValueError, KeyError, TypeError, IndexError):
+                if line.endswith(b"\n") or not line.startswith(b"{"):
+                    raise OutputError(
+                        f"line {line_no} of {path} is not a t5vh-score record: refusing to resume (and change) "
+                        "a file this job did not write; name another file"
+                    ) from None
+                break  # the torn last line
             good_end += len(line)
     if good_end != path.stat().st_size:
         with open(path, "r+b") as f:
@@ -212,7 +311,157 @@ def _first_occurrences(parsed):
 
 
 def _id_key(row_id) -> str:
-    return json.dumps(row_id, sort_keys=True)
+    return json.dumps(row_id, sort_keys=True, allow_nan=False)
+
+
+def default_errors_path(output: Optional[Path]) -> Optional[Path]:
+    """``OUTPUT.errors.jsonl`` beside a regular output; None (stderr) for stdout, a device or a pipe."""
+    if not _readable(output):
+        return None
+    return output.with_name(output.name + ".errors.jsonl")
+
+
+def _check_paths(source, output: Optional[Path], errors: Optional[Path]) -> None:
+    """Input, output and errors are three different files, and the outputs are not directories."""
+    for what, path in (("output", output), ("errors file", errors)):
+        if path is not None and path.is_dir():
+            raise OutputError(f"the {what} {path} is a directory: name a file")
+    named = (("input", source), ("output", output), ("errors file", errors))
+    for (a, a_path), (b, b_path) in itertools.combinations(named, 2):
+        if a_path is not None and b_path is not None and same_regular_file(a_path, b_path):
+            raise OutputError(
+                f"the {a} and the {b} are the same file ({b_path}): writing one would destroy the other; "
+                "input, output and errors must be three different files"
+            )
+
+
+def _readable(path: Optional[Path]) -> bool:
+    """A file the job may read back: a regular file or a path not yet created (not stdout, a device or a pipe)."""
+    return path is not None and is_regular_or_missing(path)
+
+
+def _start(output: Optional[Path], errors: Optional[Path], fingerprint: dict) -> bool:
+    """Whether this run resumes ``output`` (True) or starts it afresh; refuses (``OutputError``) an
+    output the job did not write, one written with another fingerprint, and, for a fresh start, an
+    errors file that already holds errors. Call it holding the output's lock."""
+    sidecar = job_file(output) if _readable(output) else None
+    if sidecar is not None and sidecar.exists() and output.exists():
+        differences = _differences(_read_job_file(sidecar), fingerprint)
+        if differences:
+            raise OutputError(
+                f"{output} was written by a job with other settings ({'; '.join(differences)}): resuming would "
+                "mix two sets of numbers in one file; rerun with the same exports and options, or name another output"
+            )
+        return True
+    if sidecar is not None and output.exists() and output.stat().st_size > 0:
+        raise OutputError(
+            f"{output} exists and was not written by t5vh-score (no {sidecar.name} beside it): refusing to change "
+            "it; name another output, or delete it to start over"
+        )
+    if _readable(errors) and errors.exists() and errors.stat().st_size > 0:
+        raise OutputError(
+            f"{errors} already holds rows, and this run starts its output afresh: delete it, or name another "
+            "errors file"
+        )
+    if sidecar is not None:
+        write_json_atomic(sidecar, {"t5vh_job": JOB_FILE_FORMAT, "fingerprint": fingerprint})
+    return False
+
+
+def _read_job_file(sidecar: Path) -> dict:
+    try:
+        recorded = json.loads(sidecar.read_bytes())["fingerprint"]
+        if isinstance(recorded, dict):
+            return recorded
+    except (ValueError, KeyError, TypeError):
+        pass
+    raise OutputError(f"{sidecar} is damaged: delete it and its output to start over")
+
+
+def _differences(recorded: dict, current: dict) -> list:
+    def show(value):
+        return "none" if value is None else f"{value[:12]}..." if isinstance(value, str) and len(value) > 16 else value
+
+    return [
+        f"{key} {show(recorded.get(key))} then, {show(current.get(key))} now"
+        for key in sorted(set(recorded) | set(current))
+        if recorded.get(key) != current.get(key)
+    ]
+
+
+@contextlib.contextmanager
+def _input(input_file):
+    """The input as a binary file: a path, ``-`` (stdin) or an open file (text or binary)."""
+    if isinstance(input_file, (str, Path)) and str(input_file) != "-":
+        try:
+            f = open(input_file, "rb")
+        except FileNotFoundError:
+            raise PathNotFound(f"input file not found: {input_file}") from None
+        with f:
+            yield f
+    elif isinstance(input_file, (str, Path)):
+        yield sys.stdin.buffer
+    elif isinstance(input_file, io.TextIOBase):
+        yield (
+            input_file.buffer
+            if hasattr(input_file, "buffer")
+            else io.BytesIO(input_file.read().encode("utf-8", "surrogatepass"))
+        )
+    else:
+        yield input_file
+
+
+def _input_lines(source) -> Iterator:
+    """``(line number, text or BadRow)`` per non-blank line. Each line is decoded on its own, so a byte
+    that is not UTF-8 costs its line only; a UTF-8 BOM before line 1 is dropped."""
+    line_no = 0
+    while True:
+        data = source.readline(MAX_LINE_BYTES + 1)
+        if not data:
+            return
+        line_no += 1
+        if len(data) > MAX_LINE_BYTES:
+            while data and not data.endswith(b"\n"):
+                data = source.readline(MAX_LINE_BYTES)
+            yield line_no, BadRow(line_no, None, f"line longer than {MAX_LINE_BYTES} bytes")
+            continue
+        if line_no == 1 and data.startswith(codecs.BOM_UTF8):
+            data = data[len(codecs.BOM_UTF8) :]
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            yield line_no, BadRow(line_no, None, f"not UTF-8: byte 0x{data[exc.start]:02x} at byte {exc.start + 1}")
+            continue
+        if text.strip():
+            yield line_no, text
+
+
+@contextlib.contextmanager
+def _appending(path: Optional[Path], default: TextIO):
+    """``path`` opened for appending text (``default`` when None)."""
+    if path is None:
+        yield default
+        return
+    try:
+        f = open(path, "a", encoding="utf-8")
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror}") from None
+    try:
+        yield f
+    finally:
+        try:
+            f.close()
+        except OSError:  # a failed flush was reported where it happened
+            pass
+
+
+def _write(f, text: str) -> None:
+    """Write and flush; a failure (a full disk, a closed pipe) is one ``OutputError`` naming the file."""
+    try:
+        f.write(text)
+        f.flush()
+    except OSError as exc:
+        raise OutputError(f"cannot write {getattr(f, 'name', 'the output')}: {exc.strerror or exc}") from None
 
 
 @dataclass
@@ -233,7 +482,7 @@ class JobSummary:
 
 def run_job(
     policy,
-    input_file: TextIO,
+    input_file,
     output_path: Optional[Path],
     *,
     errors_path: Optional[Path] = None,
@@ -241,65 +490,82 @@ def run_job(
     beta: float = 0.1,
     batch_size: int = 32,
     max_tokens: int = 512,
+    max_query_tokens: int = DEFAULT_MAX_QUERY_TOKENS,
     sort_window: int = 16,
     fail_fast: bool = False,
     progress: bool = False,
 ) -> JobSummary:
-    """Score ``input_file`` into ``output_path`` (None = stdout), resuming a previous run.
+    """Score ``input_file`` (a path, ``-`` or an open file) into ``output_path`` (None = stdout).
 
-    Ids already in the output are skipped; bad rows go to ``errors_path``
-    (None = stderr) with their line number and reason. Output is flushed
-    after every batch. With ``fail_fast`` the first bad row raises ``InputError``.
+    A regular output file is locked for the run (a second job on it is
+    refused) and fingerprinted in ``OUTPUT.t5vh-job.json``; when it exists with
+    the same fingerprint the run resumes it, skipping ids already written, and
+    otherwise refuses to touch it. Bad rows go to ``errors_path`` (None =
+    stderr) with their line number and reason. Output is flushed after every
+    batch. With ``fail_fast`` the first bad row raises ``InputError``.
     """
-    _check_job_options(batch_size=batch_size, max_tokens=max_tokens, sort_window=sort_window, beta=beta)
-    summary = JobSummary()
-    done = recover_output(output_path) if output_path is not None else set()
-    reported = recover_errors(errors_path)
-    out = open(output_path, "a", encoding="utf-8") if output_path is not None else sys.stdout
-    errors = open(errors_path, "a", encoding="utf-8") if errors_path is not None else sys.stderr
+    _check_job_options(policy, ref_policy, beta, batch_size, max_tokens, max_query_tokens, sort_window)
+    output_path = None if output_path is None else Path(output_path)
+    errors_path = None if errors_path is None else Path(errors_path)
+    fingerprint = job_fingerprint(
+        policy, ref_policy, beta=float(beta), max_tokens=int(max_tokens), max_query_tokens=int(max_query_tokens)
+    )
+    with contextlib.ExitStack() as stack:
+        source = stack.enter_context(_input(input_file))
+        _check_paths(source, output_path, errors_path)
+        if _readable(output_path):
+            busy = f"another t5vh-score job is writing {output_path}: wait for it to finish, or name another output"
+            stack.enter_context(exclusive_lock(output_path, busy))
+        resume = _start(output_path, errors_path, fingerprint)
+        done = recover_output(output_path) if resume else set()
+        reported = recover_errors(errors_path) if resume and _readable(errors_path) else set()
+        out = stack.enter_context(_appending(output_path, sys.stdout))
+        errors = stack.enter_context(_appending(errors_path, sys.stderr))
+        summary = JobSummary()
+
+        def pending():
+            for line_no, item in _input_lines(source):
+                raw = load_json(line_no, item) if isinstance(item, str) else item
+                if isinstance(raw, BadRow):
+                    yield raw
+                    continue
+                row_id = raw.get("id") if isinstance(raw, dict) else None
+                if row_id is not None and _id_key(row_id) in done:
+                    summary.rows_skipped += 1
+                    continue
+                yield parse_row(line_no, raw, policy=policy, max_tokens=max_tokens, max_query_tokens=max_query_tokens)
+
+        batches = _batches(
+            policy, _first_occurrences(pending()), ref_policy, beta, int(batch_size), int(sort_window), max_query_tokens
+        )
+        _write_batches(batches, out, errors, summary, reported=reported, fail_fast=fail_fast, progress=progress)
+    return summary
+
+
+def _write_batches(batches, out, errors, summary: JobSummary, *, reported: set, fail_fast: bool, progress: bool):
+    """Write each batch's records (one write and one flush per batch) and count them in ``summary``."""
     from tqdm import tqdm
 
     bar = tqdm(unit=" rows", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     start = time.perf_counter()
-
-    def pending():
-        for line_no, line in enumerate(input_file, start=1):
-            if not line.strip():
-                continue
-            try:
-                row_id = json.loads(line).get("id")
-            except (ValueError, AttributeError):
-                row_id = None
-            if row_id is not None and _id_key(row_id) in done:
-                summary.rows_skipped += 1
-                continue
-            yield line_no, line
-
     try:
-        parsed = _first_occurrences(parse_row(n, line, policy=policy, max_tokens=max_tokens) for n, line in pending())
-        for batch in _batches(policy, parsed, ref_policy, beta, batch_size, sort_window):
-            lines = []
+        for batch in batches:
+            lines, bad_lines = [], []
             for row, record in batch:
                 if "error" in record:
                     if fail_fast:
                         raise InputError(f"line {record['line']}: {record['error']} (--fail-fast)")
                     summary.rows_failed += 1
                     if record["line"] not in reported:
-                        errors.write(json.dumps(record) + "\n")
+                        bad_lines.append(json.dumps(record) + "\n")
                 else:
                     summary.rows_ok += 1
                     summary.tokens += len(row.response_ids)
-                    lines.append(json.dumps(record) + "\n")
-            out.write("".join(lines))  # one write and one flush per batch
-            out.flush()
-            errors.flush()
+                    lines.append(json.dumps(record, allow_nan=False) + "\n")
+            _write(out, "".join(lines))
+            _write(errors, "".join(bad_lines))
             bar.update(len(batch))
             bar.set_postfix_str(f"{summary.tokens / max(time.perf_counter() - start, 1e-9):.0f} tok/s", refresh=False)
     finally:
         bar.close()
         summary.elapsed_s = time.perf_counter() - start
-        if out is not sys.stdout:
-            out.close()
-        if errors is not sys.stderr:
-            errors.close()
-    return summary

@@ -38,15 +38,20 @@ def read_manifest(export_dir) -> dict:
             f"{root} has no {MANIFEST_NAME}: it is not a t5vh export. Create one with `t5vh-export MODEL_DIR`"
         )
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        manifest = json.loads(path.read_bytes())
+    except ValueError as exc:  # not JSON, or not UTF-8
         raise ExportError(f"{path} is not valid JSON ({exc}): re-export the model") from None
+    if not isinstance(manifest, dict):
+        raise ExportError(f"{path} holds a JSON {type(manifest).__name__}, not a manifest object: re-export the model")
     version = manifest.get("format_version")
     if version not in READABLE_VERSIONS:
         raise ExportError(
             f"{root} was exported in t5vh format version {version!r}; this t5vh_fast reads versions "
             f"{', '.join(map(str, READABLE_VERSIONS))}. Re-export it with this version's `t5vh-export`"
         )
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise ExportError(f"{path} has no valid 'files' table of graph hashes: the export is damaged; re-export it")
     return manifest
 
 

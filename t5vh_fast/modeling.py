@@ -131,9 +131,9 @@ class T5HeadWithValueModel(T5ForConditionalGeneration):
         """The plain sampler: see ``t5vh_fast.reference.respond`` for the contract and options."""
         return reference.respond(self, queries, attention_mask, **options)
 
-    def score(self, queries, responses, attention_mask=None, response_mask=None):
-        """Teacher-forced scoring: see ``t5vh_fast.reference.score``."""
-        return reference.score(self, queries, responses, attention_mask, response_mask)
+    def score(self, queries, responses, attention_mask=None, response_mask=None, **options):
+        """Teacher-forced scoring: see ``t5vh_fast.reference.score`` (``max_query_tokens``)."""
+        return reference.score(self, queries, responses, attention_mask, response_mask, **options)
 
 
 __all__ = ["T5HeadWithValueModel", "ValueHead", "HEAD_LAYOUTS", "canonical_head_layout"]

@@ -9,8 +9,16 @@ from typing import Callable, List, Optional, Sequence, Union
 import numpy as np
 
 from .decoder import OnnxDecoder, graph_files, open_decoder
-from .errors import ExportError, PathNotFound
-from .inputs import as_token_batch, check_response_batch, pad_batch
+from .errors import ExportError, InputError, PathNotFound
+from .inputs import (
+    DEFAULT_MAX_QUERY_TOKENS,
+    as_token_batch,
+    check_positive_int,
+    check_query_length,
+    check_response_batch,
+    check_text,
+    pad_batch,
+)
 from .manifest import DECODER_GRAPH, ENCODER_GRAPH, check_files, default_layout, layouts, read_manifest
 from .providers import CudaOptions, provider_errors
 from .results import Rollout, Scores
@@ -27,7 +35,7 @@ class OnnxPolicy:
         self.root = root
         self.manifest = manifest
         self.decoder = decoder
-        config = json.loads((root / "config.json").read_text())
+        config = _read_config(root)
         self.vocab_size = int(config["vocab_size"])
         self.decoder_start_token_id = int(config.get("decoder_start_token_id", 0) or 0)
         self.eos_token_id = config.get("eos_token_id", 1)
@@ -53,7 +61,13 @@ class OnnxPolicy:
                 raise PathNotFound(f"{self.root} has no tokenizer.json: pass token ids instead of text")
             from tokenizers import Tokenizer
 
-            self._tokenizer = Tokenizer.from_file(str(path))
+            try:
+                self._tokenizer = Tokenizer.from_file(str(path))
+            except Exception as exc:  # tokenizers raises a bare Exception for a damaged file
+                raise ExportError(
+                    f"{path} is not a readable tokenizer ({exc}): copy it again from the model directory, "
+                    "or re-export the model"
+                ) from None
         return self._tokenizer
 
     def respond_to_batch(
@@ -68,6 +82,7 @@ class OnnxPolicy:
         seed: Optional[int] = None,
         uniforms=None,
         callback: Optional[Callable[[int, np.ndarray], None]] = None,
+        max_query_tokens: int = DEFAULT_MAX_QUERY_TOKENS,
     ) -> Rollout:
         """Sample exactly ``txt_len`` tokens per query with the plain sampler.
 
@@ -90,6 +105,8 @@ class OnnxPolicy:
         generator. With the same uniforms the PyTorch reference
         (``T5HeadWithValueModel.respond_to_batch``) picks the same tokens.
         ``callback(t, tokens)`` is called after every step (for progress or timing).
+        Queries longer than ``max_query_tokens`` are refused (memory grows with
+        the square of the query length).
 
         Returns a ``Rollout``: ``tokens``, ``logprobs`` (unfiltered), ``values``
         and, with filtering, ``sampling_logprobs``, all R x txt_len NumPy arrays,
@@ -98,6 +115,7 @@ class OnnxPolicy:
         when the logits hold NaN or inf.
         """
         ids, mask = as_token_batch(query_ids, attention_mask, vocab_size=self.vocab_size)
+        check_query_length(ids, max_query_tokens)
         with provider_errors(self.providers, "while sampling"):
             return respond(
                 self.decoder,
@@ -115,18 +133,29 @@ class OnnxPolicy:
                 weights_version=self.weights_version,
             )
 
-    def score(self, query_ids, response_ids, attention_mask=None, response_mask=None) -> Scores:
+    def score(
+        self,
+        query_ids,
+        response_ids,
+        attention_mask=None,
+        response_mask=None,
+        *,
+        max_query_tokens: int = DEFAULT_MAX_QUERY_TOKENS,
+    ) -> Scores:
         """Teacher-forced log-probs, values and entropy of given responses.
 
         ``query_ids``/``attention_mask`` as in ``respond_to_batch``;
         ``response_ids`` R x T right-padded, ``response_mask`` R x T (all ones
         when omitted). R is B, or a multiple of it for several responses per
         query grouped query-major (as ``respond_to_batch(..., num_samples=N)``
-        returns them): the encoder then runs once per query. Returns ``Scores``
-        (R x T NumPy arrays, 0 where masked). On tokens a rollout sampled, the
-        numbers equal the rollout's.
+        returns them): the encoder then runs once per query. ``max_query_tokens``
+        as in ``respond_to_batch``. Returns ``Scores`` (R x T NumPy arrays, 0
+        where masked). On tokens a rollout sampled, the numbers equal the
+        rollout's. Raises ``NonFiniteError`` naming the row when a logit or
+        value is NaN or inf.
         """
         ids, mask = as_token_batch(query_ids, attention_mask, vocab_size=self.vocab_size)
+        check_query_length(ids, max_query_tokens)
         resp, resp_mask, num_samples = check_response_batch(
             response_ids, response_mask, queries=ids.shape[0], vocab_size=self.vocab_size
         )
@@ -185,11 +214,23 @@ class OnnxPolicy:
 
     # ------------------------------------------------------------------ text
 
-    def encode_text(self, texts: Sequence[str]):
-        """Tokenize (appending ``</s>``) and right-pad: ``(ids, attention_mask)``."""
-        if isinstance(texts, str):
-            texts = [texts]
-        return pad_batch([e.ids for e in self.tokenizer.encode_batch(list(texts))], pad_id=self.pad_token_id)
+    def encode_text(self, texts: Sequence[str], *, max_query_tokens: int = DEFAULT_MAX_QUERY_TOKENS):
+        """Tokenize (appending ``</s>``) and right-pad: ``(ids, attention_mask)``.
+
+        A text longer than ``max_query_tokens`` tokens is refused (and one of
+        more than 32 characters per allowed token before it is tokenized)."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        check_positive_int("max_query_tokens", max_query_tokens)
+        for i, text in enumerate(texts):
+            check_text(text, f"text {i}", max_tokens=max_query_tokens)
+        rows = [e.ids for e in self.tokenizer.encode_batch(texts)]
+        for i, row in enumerate(rows):
+            if len(row) > max_query_tokens:
+                raise InputError(
+                    f"text {i} is {len(row)} tokens long, more than max_query_tokens={max_query_tokens}: "
+                    "shorten it, or raise max_query_tokens"
+                )
+        return pad_batch(rows, pad_id=self.pad_token_id)
 
     def decode_text(self, token_ids) -> List[str]:
         """Detokenize rows, skipping special tokens and ids the tokenizer does not have."""
@@ -198,8 +239,19 @@ class OnnxPolicy:
 
     def respond_to_text(self, texts: Sequence[str], **options) -> List[str]:
         """Text in, text out: ``respond_to_batch`` on the tokenized texts, decoded."""
-        ids, mask = self.encode_text(texts)
+        ids, mask = self.encode_text(texts, max_query_tokens=options.get("max_query_tokens", DEFAULT_MAX_QUERY_TOKENS))
         return self.decode_text(self.respond_to_batch(ids, mask, **options).tokens)
+
+
+def _read_config(root: Path) -> dict:
+    path = root / "config.json"
+    try:
+        config = json.loads(path.read_bytes())
+        return {**config, "vocab_size": int(config["vocab_size"])}
+    except FileNotFoundError:
+        raise ExportError(f"{root} has no config.json: the export is incomplete; re-export the model") from None
+    except (ValueError, TypeError, KeyError) as exc:  # not JSON, not UTF-8, not an object, no vocab_size
+        raise ExportError(f"{path} is not a model config ({exc!r}): re-export the model") from None
 
 
 def _export_version(manifest: dict, files) -> str:

@@ -17,7 +17,7 @@ import numpy as np
 import onnxruntime as ort
 
 from . import gpu
-from .errors import InputError, ProviderError, T5vhError
+from .errors import ExportError, InputError, ProviderError, T5vhError
 from .tensorrt import TensorrtOptions, tensorrt_provider_options, without_tensorrt_environment
 
 CPU = "CPUExecutionProvider"
@@ -207,8 +207,17 @@ def make_session(
         options.add_external_initializers(list(initializers), values)
     entries = provider_entries(path, providers, cuda, tensorrt)
     hide_env = without_tensorrt_environment() if TENSORRT in providers else contextlib.nullcontext()
-    with stdout_to_stderr(), hide_env, provider_errors(providers, f"starting {path.name}", creating=True):
-        session = ort.InferenceSession(str(path), sess_options=options, providers=entries)
+    try:
+        with stdout_to_stderr(), hide_env, provider_errors(providers, f"starting {path.name}", creating=True):
+            session = ort.InferenceSession(str(path), sess_options=options, providers=entries)
+    except T5vhError:
+        raise
+    except Exception as exc:  # onnxruntime's own exception types (InvalidProtobuf, Fail, ...) derive from Exception
+        detail = " ".join(str(exc).split())[:300]
+        raise ExportError(
+            f"onnxruntime cannot load {path} ({type(exc).__name__}: {detail}): the file is damaged or not "
+            "an ONNX graph; re-export the model"
+        ) from None
     if providers[0] != CPU and session.get_providers()[0] != providers[0]:
         raise ProviderError(_did_not_start(providers[0], path, session.get_providers()))
     return session

@@ -15,8 +15,10 @@ import torch
 
 from .errors import NonFiniteError
 from .inputs import (
+    DEFAULT_MAX_QUERY_TOKENS,
     as_token_batch,
     check_num_samples,
+    check_query_length,
     check_response_batch,
     check_sampling_options,
     check_uniforms,
@@ -91,6 +93,7 @@ def respond(
     uniforms=None,
     generator: Optional[torch.Generator] = None,
     use_cache: bool = True,
+    max_query_tokens: int = DEFAULT_MAX_QUERY_TOKENS,
 ) -> Rollout:
     """Sample exactly ``txt_len`` tokens per query with the plain sampler.
 
@@ -105,7 +108,8 @@ def respond(
     simply repeats each query; the runtime shares its encoder pass), with one
     row of ``uniforms`` per response.
     ``use_cache=False`` re-runs the whole model on the growing sequence every
-    step (the slow original loop, kept as a baseline).
+    step (the slow original loop, kept as a baseline). Queries longer than
+    ``max_query_tokens`` are refused.
 
     Returns a ``Rollout`` of torch tensors: tokens, log-probs under the
     unfiltered distribution, values, and (with filtering) the log-probs under
@@ -114,7 +118,7 @@ def respond(
     txt_len = resolve_txt_len(txt_len, max_length)
     check_sampling_options(txt_len, top_k, top_p)
     check_num_samples(num_samples)
-    query_ids, query_mask = _batch(model, queries, attention_mask)
+    query_ids, query_mask = _batch(model, queries, attention_mask, max_query_tokens)
     ids, mask = query_ids.repeat_interleave(num_samples, 0), query_mask.repeat_interleave(num_samples, 0)
     batch = ids.shape[0]
     u = check_uniforms(uniforms, query_ids.shape[0], txt_len, num_samples)
@@ -168,15 +172,17 @@ def respond(
 
 
 @torch.no_grad()
-def score(model, queries, responses, attention_mask=None, response_mask=None) -> Scores:
+def score(
+    model, queries, responses, attention_mask=None, response_mask=None, *, max_query_tokens=DEFAULT_MAX_QUERY_TOKENS
+) -> Scores:
     """Teacher-forced log-probs, values and entropy of given responses, in one forward pass.
 
     ``responses``: R x T right-padded token ids, ``response_mask`` R x T (all
     ones when omitted); R may be a multiple of the B queries (the responses of
     each query together, query-major). Returns ``Scores`` of torch tensors, 0
-    where masked.
+    where masked; raises ``NonFiniteError`` naming the row when a number is NaN or inf.
     """
-    ids, mask = _batch(model, queries, attention_mask)
+    ids, mask = _batch(model, queries, attention_mask, max_query_tokens)
     resp, resp_mask, num_samples = check_response_batch(
         _to_numpy(responses), _to_numpy(response_mask), queries=ids.shape[0], vocab_size=model.config.vocab_size
     )
@@ -188,11 +194,20 @@ def score(model, queries, responses, attention_mask=None, response_mask=None) ->
     logprobs = logits.gather(-1, resp[..., None]).squeeze(-1) - logz
     probs = torch.softmax(logits, dim=-1)
     entropy = logz - (probs * logits).sum(-1)
-    keep = resp_mask.to(logits.dtype)
+    values = out.value.float()
+    keep = resp_mask.bool()
+    bad = keep & ~(torch.isfinite(logprobs) & torch.isfinite(values) & torch.isfinite(entropy))
+    if bad.any():
+        row, position = map(int, torch.nonzero(bad)[0])
+        raise NonFiniteError(
+            f"non-finite logits or value (NaN or inf) at row {row}, response position {position}: "
+            "the model or its export is broken (fp16 overflow?); refusing to score garbage",
+            row=row,
+        )
     return Scores(
-        logprobs=(logprobs * keep).cpu(),
-        values=(out.value.float() * keep).cpu(),
-        entropy=(entropy * keep).cpu(),
+        logprobs=logprobs.masked_fill(~keep, 0.0).cpu(),
+        values=values.masked_fill(~keep, 0.0).cpu(),
+        entropy=entropy.masked_fill(~keep, 0.0).cpu(),
         response_mask=resp_mask.cpu(),
         precision=_precision(model),
     )
@@ -203,8 +218,9 @@ def _precision(model) -> str:
     return names.get(str(model.dtype), str(model.dtype))
 
 
-def _batch(model, queries, attention_mask):
+def _batch(model, queries, attention_mask, max_query_tokens):
     ids, mask = as_token_batch(_to_numpy(queries), _to_numpy(attention_mask), vocab_size=model.config.vocab_size)
+    check_query_length(ids, max_query_tokens)
     device = model.device
     return torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
 

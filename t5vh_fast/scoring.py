@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import warnings
 
 import numpy as np
 
 from .decoder import OnnxDecoder
-from .errors import InputError
+from .errors import InputError, NonFiniteError
 from .results import Scores
 from .sampling import exp_weights
 
@@ -40,6 +42,7 @@ def score(
     weights, block_sums, lse = exp_weights(logits)  # weights = exp(logits - max): one exp pass for both
     chosen = np.take_along_axis(logits, responses.reshape(-1)[real, None], axis=-1)[:, 0]
     entropy = lse - np.einsum("ij,ij->i", weights, logits) / block_sums.sum(axis=-1)
+    check_scores_finite(real, length, chosen - lse, values, entropy)
     return Scores(
         logprobs=_scatter(chosen - lse, real, batch, length),
         values=_scatter(values, real, batch, length),
@@ -48,6 +51,20 @@ def score(
         precision=precision,
         weights_version=weights_version,
     )
+
+
+def check_scores_finite(positions: np.ndarray, length: int, *picked: np.ndarray) -> None:
+    """Every number at the scored flat ``positions`` is finite; else ``NonFiniteError`` naming the first bad row."""
+    bad = np.zeros(len(positions), dtype=bool)
+    for array in picked:
+        bad |= ~np.isfinite(array)
+    if bad.any():
+        row, position = divmod(int(positions[np.flatnonzero(bad)[0]]), length)
+        raise NonFiniteError(
+            f"non-finite logits or value (NaN or inf) at row {row}, response position {position}: "
+            "the model or its export is broken (fp16 overflow?); refusing to score garbage",
+            row=row,
+        )
 
 
 def _scatter(picked: np.ndarray, positions: np.ndarray, batch: int, length: int) -> np.ndarray:
@@ -80,5 +97,16 @@ def kl(scores: Scores, ref_scores: Scores) -> np.ndarray:
 
 
 def reward(score, per_token_kl, *, beta: float = 0.1) -> np.ndarray:
-    """PPO reward ``score - beta * sum(kl)`` per row."""
-    return np.asarray(score, dtype=np.float64) - beta * np.asarray(per_token_kl, dtype=np.float64).sum(axis=-1)
+    """PPO reward ``score - beta * sum(kl)`` per row; ``beta`` a finite number >= 0, every input finite."""
+    check_beta(beta)
+    score, per_token_kl = np.asarray(score, dtype=np.float64), np.asarray(per_token_kl, dtype=np.float64)
+    for name, array in (("score", score), ("per_token_kl", per_token_kl)):
+        if not np.isfinite(array).all():
+            raise NonFiniteError(f"{name} holds NaN or inf: a reward computed from it would be garbage")
+    return score - beta * per_token_kl.sum(axis=-1)
+
+
+def check_beta(beta) -> None:
+    """``beta`` (the KL coefficient) is a finite real number >= 0."""
+    if isinstance(beta, (bool, np.bool_)) or not isinstance(beta, numbers.Real) or not math.isfinite(beta) or beta < 0:
+        raise InputError(f"beta must be a finite number >= 0, got {beta!r}")

@@ -86,16 +86,22 @@ def test_optimum_loads_the_export_and_greedy_tokens_match(tiny_export, reference
     assert torch.equal(ours, theirs)
 
 
-def test_existing_output_needs_force(tmp_path, tiny_dir):
+def test_existing_output_needs_force_and_force_replaces_only_an_export(tmp_path, tiny_dir):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    export(tiny_dir, out, force=True)  # an empty directory may be filled
     with pytest.raises(FileExistsError, match="--force"):
         export(tiny_dir, out)
-    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").write_text("mine")  # a previous export is replaced, whatever was put in it
     export(tiny_dir, out, force=True)
     assert not (out / "keep.txt").exists() and (out / MANIFEST_NAME).exists()
     assert _leftovers(tmp_path, "out") == ["out"]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not a t5vh export"):
+        export(tiny_dir, mine, force=True)
+    assert [p.name for p in mine.iterdir()] == ["keep.txt"]
 
 
 def test_parity_failure_leaves_nothing(tmp_path, tiny_dir, monkeypatch):

@@ -7,6 +7,7 @@ export leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import shutil
 import tempfile
@@ -16,7 +17,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable, Optional
 
-from .._files import replace_dir, sha256_file, write_json_atomic
+from .._files import exclusive_lock, is_within, remove_leftovers, replace_dir, sha256_file, write_json_atomic
 from ..checkpoint import load_reference
 from ..errors import NonFiniteError, OutputError, ParityError, PathExists, PathNotFound
 from ..manifest import DECODER, DECODER_MERGED, DECODER_WITH_PAST, ENCODER, FORMAT_VERSION, MANIFEST_NAME
@@ -63,26 +64,64 @@ def export(
     Optimum's ``ORTModelForSeq2SeqLM`` loads (``encoder_model.onnx``,
     ``decoder_model.onnx``, ``decoder_with_past_model.onnx``, and with
     ``merged`` ``decoder_model_merged.onnx``). ``opset`` applies to Optimum's
-    graphs. Refuses an existing ``output_dir`` unless ``force``. Raises
-    ``ParityError`` (and writes nothing) when a graph misses the parity tolerance.
+    graphs. Refuses an existing ``output_dir`` unless ``force``, and even then
+    replaces only a previous t5vh export or an empty directory; never an output
+    that is or contains ``model_dir``. Raises ``ParityError`` (and writes
+    nothing) when a graph misses the parity tolerance.
     """
-    opset_override = opset
     out = Path(output_dir).expanduser() if output_dir is not None else default_output_dir(model_dir)
-    if out.exists() and not force:
-        raise PathExists(f"{out} already exists: pass --force (force=True) to replace it")
-    if out.parent.exists() and not out.parent.is_dir():
-        raise PathNotFound(f"cannot write {out}: {out.parent} is a file, not a directory")
+    check_output_dir(out, model_dir, force=force)
     model = load_reference(model_dir, strict=strict, allow_pickle=allow_pickle)
     check_finite_weights(model)
+    with _output_lock(out, model_dir, force=force):
+        return _export_to(out, model, model_dir, optimum=optimum, merged=merged, opset=opset, log=log)
+
+
+def check_output_dir(out: Path, model_dir, *, force: bool) -> None:
+    """Refuse an output directory whose replacement would destroy something the user had."""
+    source = Path(model_dir).expanduser()
+    if source.exists() and is_within(source, out):
+        raise OutputError(
+            f"{out} is or contains the model directory {source}: replacing it would delete the model; "
+            "choose another output directory"
+        )
+    if out.parent.exists() and not out.parent.is_dir():
+        raise PathNotFound(f"cannot write {out}: {out.parent} is a file, not a directory")
+    if not out.exists():
+        return
+    if not out.is_dir() or not ((out / MANIFEST_NAME).is_file() or not any(out.iterdir())):
+        raise PathExists(
+            f"{out} exists and is not a t5vh export (no {MANIFEST_NAME}): refusing to replace it, even with "
+            "--force; choose another output directory"
+        )
+    if not force:
+        raise PathExists(f"{out} already exists: pass --force (force=True) to replace it")
+
+
+@contextlib.contextmanager
+def _output_lock(out: Path, model_dir, *, force: bool):
+    """One export per output at a time; what a killed export to ``out`` left beside it is removed."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot write the export at {out}: {exc.strerror}") from None
+    with exclusive_lock(out, f"another t5vh-export is writing {out}: wait for it to finish"):
+        check_output_dir(out, model_dir, force=force)  # again: another export may have finished meanwhile
+        remove_leftovers(out)
+        yield
+
+
+def _export_to(out: Path, model, model_dir, *, optimum: bool, merged: bool, opset: Optional[int], log) -> Path:
+    """Build the export in a temporary directory beside ``out``, check it, and move it into place."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial.", dir=out.parent))
     except OSError as exc:
         raise OutputError(f"cannot write the export at {out}: {exc.strerror}") from None
     try:
-        layouts, opset = {}, OPSET
+        layouts, used_opset = {}, OPSET
         if optimum:
-            layouts, opset = _export_graphs(model, tmp, merged=merged, opset=opset_override, log=log)
+            layouts, used_opset = _export_graphs(model, tmp, merged=merged, opset=opset, log=log)
         log("writing the single layout (t5vh_encoder.onnx, t5vh_decoder.onnx) ...")
         layouts = {"single": write_single_layout(model, tmp), **layouts}
         _save_side_files(model, Path(model_dir).expanduser(), tmp)
@@ -101,7 +140,7 @@ def export(
             "head_layout": model.head_layout,
             "model_type": model.config.model_type,
             "tie_word_embeddings": bool(model.config.tie_word_embeddings),
-            "opset": opset,
+            "opset": used_opset,
             "layouts": layouts,
             "files": {name: sha256_file(tmp / name) for name in files},
             "weights": {"single": plan_record(ModelSpec.from_config(model.config.to_dict()), "fp32")},
