@@ -30,15 +30,24 @@ from .results import Rollout, Scores
 
 
 def filter_logits(logits: torch.Tensor, *, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Top-k then top-p, with transformers' TopK/TopPLogitsWarper semantics (one token always kept)."""
+    """Top-k then top-p, decided by value (the tie rule of ``docs/contract.md``; one token always kept).
+
+    Top-k keeps every token whose logit is >= the k-th largest (ties at the
+    boundary all kept), as transformers' ``TopKLogitsWarper`` does. Top-p sorts
+    the logits ascending, removes the prefix whose cumulative probability is
+    <= 1 - top_p (never the largest), and keeps every token whose logit is >=
+    the smallest kept *value*: tokens tied with it are all kept, where
+    transformers' ``TopPLogitsWarper`` keeps or drops them by sort order.
+    """
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1:]
         logits = logits.masked_fill(logits < kth, -float("inf"))
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=False)
+        sorted_logits = torch.sort(logits, dim=-1).values
         remove = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
         remove[..., -1] = False
-        logits = logits.masked_fill(remove.scatter(-1, order, remove), -float("inf"))
+        smallest_kept = sorted_logits.gather(-1, remove.sum(dim=-1, keepdim=True))  # `remove` is a prefix
+        logits = logits.masked_fill(logits < smallest_kept, -float("inf"))
     return logits
 
 

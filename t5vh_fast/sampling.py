@@ -15,12 +15,18 @@ from .errors import NonFiniteError
 
 
 def filter_logits(logits: np.ndarray, *, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
-    """Top-k then top-p with transformers' TopK/TopPLogitsWarper semantics (min one token kept).
+    """Top-k then top-p, decided by value (the tie rule of ``docs/contract.md``; one token always kept).
+
+    Top-k keeps every token whose logit is >= the k-th largest (ties at the
+    boundary all kept, so possibly more than k). Top-p removes the ascending
+    prefix whose cumulative probability is <= 1 - top_p and keeps every token
+    whose logit is >= the smallest kept value (tokens tied with it all kept).
+    ``t5vh_fast.reference.filter_logits`` implements the same rule in torch.
 
     Returns a new float32 array with removed tokens at -inf. Top-p needs the
     ascending cumulative probabilities; they are computed on sorted *values*
-    (no argsort), and after top-k on the k survivors only. Exact ties at the
-    top-p boundary are all kept (torch.sort breaks them arbitrarily).
+    (no argsort), and after top-k on the k survivors only (on the whole row
+    when ties at the k-th value keep more than k).
     """
     logits = np.array(logits, dtype=np.float32)
     rows, vocab = logits.shape
@@ -102,10 +108,13 @@ def draw(logits: np.ndarray, u: np.ndarray, weights=None, block_sums=None) -> np
     cdf = before[:, None] + np.cumsum(local, axis=-1, dtype=np.float64)
     token = block * BLOCK + (cdf <= threshold[:, None]).sum(axis=-1)
     lost = (token >= vocab) | (weights[np.arange(rows), np.minimum(token, vocab - 1)] == 0)
-    if lost.any():  # u * total rounded onto a block edge or past the end: the exact full CDF decides
+    if lost.any():
+        # The block totals and the running sum inside a block round differently (pairwise vs in order), so
+        # u * total can fall between them at a block edge or past the end of the row, onto a token without
+        # mass. There the full float64 CDF decides, with its own total: exactly the contract's definition
+        # (u < 1 makes u * total < total in float64, so the index is a token with mass, never past the end).
         full = np.cumsum(weights[lost], axis=-1, dtype=np.float64)
-        exact = (full <= threshold[lost, None]).sum(axis=-1)
-        token[lost] = np.where(exact >= vocab, full.argmax(axis=-1), exact)
+        token[lost] = (full <= u[lost, None] * full[:, -1:]).sum(axis=-1)
     return token.astype(np.int64)
 
 

@@ -158,6 +158,61 @@ def test_filtering_equals_transformers_warpers(top_k, top_p):
     assert (~torch.isinf(expected)).sum(-1).min() >= 1
 
 
+def _tie_rule(logits: np.ndarray, top_k: int, top_p: float):
+    """The contract's tie rule, written out plainly in float64: ``(kept, margin)`` per row, where
+    ``margin`` is how far the row's cumulative probabilities stay from 1 - top_p (rows closer than
+    float32 rounding may go either way in a float32 implementation, and are not compared)."""
+    kept = np.zeros(logits.shape, dtype=bool)
+    margin = np.full(len(logits), np.inf)
+    for r, row in enumerate(logits.astype(np.float64)):
+        alive = row.copy()
+        if 0 < top_k < len(row):
+            alive[row < np.sort(row)[-top_k]] = -np.inf  # >= the k-th largest value: ties all kept
+        if top_p < 1.0:
+            values = np.sort(alive)
+            cumulative = np.cumsum(np.exp(values - values[-1]) / np.exp(values - values[-1]).sum())
+            removed = min(int((cumulative <= 1 - top_p).sum()), len(row) - 1)
+            alive[alive < values[removed]] = -np.inf  # >= the smallest kept value: ties all kept
+            margin[r] = np.abs(cumulative - (1 - top_p)).min()
+        kept[r] = np.isfinite(alive)
+    return kept, margin
+
+
+TIED_FILTERS = [(1, 1.0), (5, 1.0), (20, 1.0), (0, 0.9), (0, 0.5), (0, 0.05), (20, 0.8), (5, 0.7), (50, 0.95)]
+
+
+@pytest.mark.parametrize("top_k,top_p", TIED_FILTERS)
+def test_filters_follow_the_tie_rule_on_tied_logits(top_k, top_p):
+    """Integer logits (as int8 or fp16 logits often are): NumPy, torch and the plain rule keep the same sets."""
+    rng = np.random.default_rng(top_k * 100 + int(top_p * 100))
+    logits = np.round(rng.standard_normal((512, 256)) * 2).astype(np.float32)
+    expected, margin = _tie_rule(logits, top_k, top_p)
+    clear = margin > 1e-5  # rows not decided by float32 rounding
+    assert clear.mean() > 0.95
+    ours_numpy = np.isfinite(sampling.filter_logits(logits, top_k=top_k, top_p=top_p))
+    ours_torch = torch.isfinite(filter_logits(torch.from_numpy(logits), top_k=top_k, top_p=top_p)).numpy()
+    np.testing.assert_array_equal(ours_numpy[clear], expected[clear])
+    np.testing.assert_array_equal(ours_torch[clear], expected[clear])
+    # the rule decides by value: equal logits are kept or removed together
+    for row, keep in zip(logits, ours_numpy):
+        assert not np.isin(row[keep], row[~keep]).any()
+    # the data does exercise ties at the boundary: more than k kept, or a kept value also seen below the cut
+    if top_p == 1.0:
+        assert (ours_numpy.sum(-1) > top_k).mean() > 0.3
+    # transformers' warpers break ties by sort order: they keep a subset of our tokens, and fewer on tied rows
+    theirs = torch.from_numpy(logits)
+    if top_k > 0:
+        theirs = TopKLogitsWarper(top_k)(None, theirs)
+    if top_p < 1.0:
+        theirs = TopPLogitsWarper(top_p)(None, theirs)
+    theirs = torch.isfinite(theirs).numpy()
+    assert not (theirs & ~ours_torch).any()
+    if top_p < 1.0:
+        assert (theirs != ours_torch).any(-1).mean() > 0.3
+    else:
+        np.testing.assert_array_equal(theirs, ours_torch)  # top-k alone keeps ties in transformers too
+
+
 def test_draw_is_the_inverse_cdf_of_the_rng_contract():
     logits = torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.4]]))
     cases = {0.0: 0, 0.0999: 0, 0.1001: 1, 0.2999: 1, 0.3001: 2, 0.5999: 2, 0.6001: 3, 0.9999: 3}

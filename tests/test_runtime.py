@@ -51,6 +51,44 @@ def test_token_parity_with_pytorch_on_shared_uniforms(policy, reference, top_k, 
         assert ours.sampling_logprobs is None
 
 
+class _IntegerLogits:
+    """A decoder whose logits are rounded to integers: most rows then tie at the top-k and top-p boundaries."""
+
+    def __init__(self, decoder):
+        self.decoder = decoder
+
+    def encode(self, *args, **kwargs):
+        return self.decoder.encode(*args, **kwargs)
+
+    def step(self, *args, **kwargs):
+        logits, values, state = self.decoder.step(*args, **kwargs)
+        return np.round(logits), values, state
+
+
+@pytest.mark.parametrize("top_k,top_p", [(20, 1.0), (0, 0.85), (5, 0.5)])
+def test_token_parity_on_tied_logits(tiny_export, reference, top_k, top_p):
+    """With ties everywhere, the runtime and the reference are still the same sampler (the tie rule).
+    The filters run on the host after any decoder layout: the default one is enough here."""
+    policy = t5vh_fast.load(tiny_export, providers="cpu")
+
+    def round_logits(module, args, out):
+        out.logits = torch.round(out.logits)
+        return out
+
+    ids, mask = mixed_queries(256, 256, seed=18, max_len=20)
+    u = np.random.default_rng(18).random((256, 16))
+    options = dict(txt_len=16, top_k=top_k, top_p=top_p, uniforms=u)
+    ours = rollout_module.respond(_IntegerLogits(policy.decoder), ids, mask, decoder_start_token_id=0, **options)
+    handle = reference.register_forward_hook(round_logits)
+    try:
+        ref = reference.respond_to_batch(ids, mask, **options)
+    finally:
+        handle.remove()
+    assert (ours.tokens == ref.tokens.numpy()).mean() >= 0.999
+    same = np.cumprod(ours.tokens == ref.tokens.numpy(), axis=1).astype(bool)
+    np.testing.assert_allclose(ours.sampling_logprobs[same], ref.sampling_logprobs.numpy()[same], atol=1e-4)
+
+
 # ---------------------------------------------------------------------- distribution parity
 
 

@@ -34,6 +34,43 @@ def test_draw_at_block_edges():
         assert sampling.draw(logits, u)[0] == _full_cdf_draw(logits, u)[0]
 
 
+def _rounding_block(vocab: int) -> np.ndarray:
+    """A row whose first block is token 0 (weight 1) and 255 tokens of weight ~2**-55: the float64 block
+    total (a pairwise sum) counts them, the in-order running sum loses each one. The rest has no mass."""
+    row = np.full(vocab, -np.inf, dtype=np.float32)
+    row[: sampling.BLOCK] = np.float32(-55 * np.log(2))
+    row[0] = 0.0
+    return row
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["past the end of the row", "onto a token without mass at a block edge", "where the two totals disagree"],
+)
+def test_draw_at_the_float64_edge_falls_back_to_the_full_cdf(case):
+    """u * total landing between the block total and the running sum inside the block (a float64 edge)
+    sends the two-level draw past the row or onto a zero-mass token: the full CDF must decide."""
+    vocab = sampling.BLOCK if case == "past the end of the row" else 2 * sampling.BLOCK
+    logits = _rounding_block(vocab)[None]
+    if vocab > sampling.BLOCK:
+        logits[0, sampling.BLOCK + 44] = 0.0  # the next token with mass is 44 tokens into the next block
+    weights, block_sums, _ = sampling.exp_weights(logits)
+    running = np.cumsum(weights[0, : sampling.BLOCK], dtype=np.float64)[-1]
+    total = block_sums.sum()
+    u = {
+        "past the end of the row": 1 - 2**-52,
+        "onto a token without mass at a block edge": 0.5,
+        "where the two totals disagree": 1 / total,  # u * block total = 1.0, u * full total < 1.0
+    }[case]
+    threshold = u * total
+    # the construction reaches the edge: the threshold sits between the running sum and the block total,
+    # so every token of block 0 has cumulative mass <= threshold and the two-level search walks past it
+    assert running <= threshold < block_sums[0, 0], "numpy's float64 sums no longer disagree: rebuild the row"
+    token = sampling.draw(logits, np.array([u]))
+    np.testing.assert_array_equal(token, _full_cdf_draw(logits, np.array([u])))
+    assert np.isfinite(logits[0, token[0]])  # a token with mass
+
+
 def test_logsumexp_and_token_logprobs():
     rng = np.random.default_rng(1)
     logits = (rng.standard_normal((5, 300)) * 10).astype(np.float32)
