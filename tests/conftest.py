@@ -51,6 +51,31 @@ def reference(tiny_dir):
     return load_reference(tiny_dir)
 
 
+@pytest.fixture(scope="session")
+def perturbed_dir(tiny_dir, tmp_path_factory):
+    """The tiny model with seeded noise (0.05) on every decoder weight: a reference model that really
+    differs from the policy (KL, reference log-probs and rewards are not those of the policy)."""
+    import torch
+
+    from t5vh_fast.checkpoint import load_reference
+
+    model = load_reference(tiny_dir)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.decoder.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.05)
+    out = tmp_path_factory.mktemp("models") / "perturbed"
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def perturbed_export(perturbed_dir, tmp_path_factory):
+    from t5vh_fast.export import export
+
+    return export(perturbed_dir, tmp_path_factory.mktemp("exports") / "perturbed-onnx", merged=False)
+
+
 @pytest.fixture(scope="session", params=["single", "split", "merged"])
 def policy(request, tiny_export):
     import t5vh_fast

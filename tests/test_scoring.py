@@ -44,12 +44,19 @@ def test_score_matches_pytorch(policy, reference):
     assert (ours.logprobs[resp_mask == 0] == 0).all() and (ours.entropy[resp_mask == 1] > 0).all()
 
 
-def test_kl_to_itself_is_zero_and_reward_formula(policy):
+def test_kl_and_reward_formulas(policy):
     ids, mask = mixed_queries(8, 256, seed=31)
     rollout = policy.respond_to_batch(ids, mask, txt_len=6, seed=31)
-    scores = policy.score(ids, rollout.tokens, mask)
-    kl = t5vh_fast.kl(scores, scores)
-    assert (kl == 0).all()
+    response_mask = (np.arange(6) < np.array([6, 3, 1, 6, 5, 2, 6, 4])[:, None]).astype(np.int64)
+    scores = policy.score(ids, rollout.tokens, mask, response_mask)
+    ref_logprobs = np.random.default_rng(31).uniform(-6, 0, size=scores.logprobs.shape).astype(np.float32)
+    ref = Scores(logprobs=ref_logprobs, values=None, entropy=None, response_mask=scores.response_mask)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the random reference may well have the higher log-probs
+        kl = t5vh_fast.kl(scores, ref)
+    expected = (scores.logprobs.astype(np.float64) - ref_logprobs) * scores.response_mask  # log p - log p_ref
+    np.testing.assert_allclose(kl, expected, rtol=0, atol=1e-6)
+    assert (kl[scores.response_mask == 0] == 0).all() and (kl[scores.response_mask == 1] != 0).all()
     known = Scores(
         logprobs=np.array([[-1.0, -2.0, 0.0]]), values=None, entropy=None, response_mask=np.array([[1, 1, 0]])
     )
@@ -64,19 +71,10 @@ def test_kl_to_itself_is_zero_and_reward_formula(policy):
     np.testing.assert_allclose(t5vh_fast.reward([2.0], per_token, beta=0.2), [2.0 - 0.2 * -0.5])
 
 
-def test_kl_against_a_perturbed_reference_is_nonnegative_on_policy_samples(tiny_dir, tmp_path):
+def test_kl_against_a_perturbed_reference_is_nonnegative_on_policy_samples(tiny_export, perturbed_export):
     """E_{x~p}[log p - log q] = KL(p||q) >= 0: sampled from the policy, the mean must not go negative."""
-    from t5vh_fast.checkpoint import load_reference
-    from t5vh_fast.export import export
-
-    model = load_reference(tiny_dir)
-    with torch.no_grad():
-        for p in model.decoder.parameters():
-            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
-    perturbed_dir = tmp_path / "perturbed"
-    model.save_pretrained(perturbed_dir)
-    policy = t5vh_fast.load(export(tiny_dir, tmp_path / "p-onnx"), providers="cpu")
-    ref = t5vh_fast.load(export(perturbed_dir, tmp_path / "q-onnx"), providers="cpu")
+    policy = t5vh_fast.load(tiny_export, providers="cpu")
+    ref = t5vh_fast.load(perturbed_export, providers="cpu")
     ids, mask = mixed_queries(256, 256, seed=32)
     rollout = policy.respond_to_batch(ids, mask, txt_len=8, seed=32)
     with warnings.catch_warnings():
@@ -155,6 +153,80 @@ def test_job_scores_good_rows_once_and_reports_bad_rows(tmp_path, tiny_export, p
     assert sorted(e["line"] for e in errors) == list(range(3, 3 + len(bad)))
 
 
+def test_job_against_a_different_reference_model(tmp_path, tiny_dir, tiny_export, perturbed_dir, perturbed_export):
+    """t5vh-score --ref on a model that really differs: every number of every record against an
+    independent computation (the PyTorch models' score() and plain NumPy), for two betas."""
+    from transformers import AutoTokenizer
+
+    from t5vh_fast.checkpoint import load_reference
+
+    rng = np.random.default_rng(33)
+    rows = [
+        {
+            "id": i,
+            "query_ids": [int(t) for t in rng.integers(3, 256, size=rng.integers(2, 10))] + [1],
+            "response_ids": [int(t) for t in rng.integers(0, 256, size=rng.integers(1, 12))],
+            **({"score": float(rng.normal())} if i % 3 else {}),
+        }
+        for i in range(23)
+    ]
+    rows.append({"id": "text", "query": "How do I cook rice?", "response_ids": [10, 11, 12], "score": 0.5})
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    # the independent computation: both PyTorch models on one padded batch of every row
+    queries = [r.get("query_ids") or AutoTokenizer.from_pretrained(tiny_dir)(r["query"]).input_ids for r in rows]
+    ids, mask = t5vh_fast.pad_batch(queries)
+    responses, resp_mask = t5vh_fast.pad_batch([r["response_ids"] for r in rows])
+    policy_model, ref_model = load_reference(tiny_dir), load_reference(perturbed_dir)
+    expected = policy_model.score(ids, responses, mask, resp_mask)
+    expected_ref = ref_model.score(ids, responses, mask, resp_mask)
+    with torch.no_grad():
+        logits = [
+            m(
+                input_ids=torch.from_numpy(ids),
+                attention_mask=torch.from_numpy(mask),
+                decoder_input_ids=m._shift_right(torch.from_numpy(responses)),
+            ).logits.numpy()
+            for m in (policy_model, ref_model)
+        ]
+    atol = tol(np.concatenate(logits))
+    true_kl = expected.logprobs.numpy() - expected_ref.logprobs.numpy()
+    assert np.abs(true_kl[resp_mask == 1]).mean() > 100 * atol  # the reference really differs: KL is not ~0
+
+    rewards = {}
+    for beta in (0.1, 0.7):
+        out = tmp_path / f"out-{beta}.jsonl"
+        args = [str(tiny_export), str(src), "-o", str(out), "--ref", str(perturbed_export), "--beta", str(beta)]
+        result = CliRunner().invoke(score_command, [*args, "--batch-size", "5", "--providers", "cpu"])
+        assert result.exit_code == 0, result.output
+        records = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+        assert sorted(map(str, records)) == sorted(str(r["id"]) for r in rows)
+        for i, row in enumerate(rows):
+            record, n = records[row["id"]], len(row["response_ids"])
+            assert record["response_ids"] == row["response_ids"]
+            for name, want, limit in (
+                ("logprobs", expected.logprobs, atol),
+                ("ref_logprobs", expected_ref.logprobs, atol),
+                ("entropy", expected.entropy, atol),
+                ("values", expected.values, tol(expected.values)),
+                ("kl", true_kl, 2 * atol),
+            ):
+                assert len(record[name]) == n, name
+                np.testing.assert_allclose(record[name], np.asarray(want)[i, :n], rtol=0, atol=limit, err_msg=name)
+            # kl is log p - log p_ref of the record's own numbers (float32, as the job computes it)
+            own = np.float32(record["logprobs"]) - np.float32(record["ref_logprobs"])
+            np.testing.assert_allclose(record["kl"], own, rtol=0, atol=1e-6)
+            if "score" in row:
+                want = row["score"] - beta * true_kl[i, :n].sum()
+                assert record["reward"] == pytest.approx(want, abs=beta * n * 2 * atol + 1e-6)
+                assert record["reward"] == pytest.approx(row["score"] - beta * np.sum(own, dtype=np.float64))
+                rewards.setdefault(row["id"], []).append(record["reward"])
+            else:
+                assert "reward" not in record
+    assert all(abs(a - b) > 1e-3 for a, b in rewards.values())  # beta reaches the reward
+
+
 def test_job_exits_non_zero_when_every_row_fails_or_fail_fast(tmp_path, tiny_export):
     src = tmp_path / "in.jsonl"
     src.write_text("{broken\n" + json.dumps({"id": 1, "query_ids": [5, 1]}) + "\n")
@@ -174,37 +246,60 @@ def test_score_rows_from_python(policy):
     assert [r["line"] for r in records if "error" in r] == [11]
 
 
+def _wait_for_lines(path, n: int, proc, timeout: float = 120) -> None:
+    """Until ``path`` holds ``n`` complete lines (an observable event, not a sleep of a guessed length)."""
+    deadline = time.monotonic() + timeout
+    while not (path.exists() and path.read_bytes().count(b"\n") >= n):
+        assert proc.poll() is None, f"the job ended early: {proc.returncode}"
+        assert time.monotonic() < deadline, f"timed out waiting for {n} lines in {path}"
+        time.sleep(0.02)
+
+
 def test_job_resumes_after_kill_and_repairs_a_torn_line(tmp_path, tiny_export):
-    rows = [{"id": i, "query_ids": [5 + i % 50, 6, 1], "response_ids": [7 + i % 9] * (4 + i % 13)} for i in range(4000)]
+    """Killed (SIGKILL) with rows and bad rows written, and a torn last line in both files: the rerun
+    writes every good id exactly once and every bad row exactly once, and keeps what was written."""
+    lines = []
+    for i in range(200):
+        if i % 23 == 5:
+            lines.append(
+                "{not json" if i % 2 else json.dumps({"id": f"bad{i}", "query_ids": [5, 1], "response_ids": [999]})
+            )
+        else:
+            row = {"id": i, "query_ids": [5 + i % 50, 6, 1], "response_ids": [7 + i % 9] * (1 + i % 13)}
+            lines.append(json.dumps(row))
     src = tmp_path / "in.jsonl"
-    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = tmp_path / "out.jsonl"
-    cmd = [
-        sys.executable,
-        "-m",
-        "t5vh_fast",
-        "score",
-        str(tiny_export),
-        str(src),
-        "-o",
-        str(out),
-        "--batch-size",
-        "4",
-        "--sort-window",
-        "2",
-        "--providers",
-        "cpu",
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while time.time() < deadline and (not out.exists() or out.stat().st_size < 20_000):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    partial = out.read_text().splitlines()
-    assert 0 < len(partial) < len(rows), "the job should have been killed half-way"
-    with open(out, "a") as f:
-        f.write('{"id": 99999, "response_ids": [1, 2')  # as if killed mid-line
-    subprocess.run(cmd, check=True, capture_output=True)
+    src.write_text("\n".join(lines) + "\n")
+    good = [json.loads(line)["id"] for line in lines if line.startswith('{"id": ') and "999" not in line]
+    bad_lines = [n for n, line in enumerate(lines, start=1) if not line.startswith('{"id": ') or "999" in line]
+    out, errors = tmp_path / "out.jsonl", tmp_path / "out.jsonl.errors.jsonl"
+    options = ["-o", str(out), "--batch-size", "4", "--sort-window", "2", "--providers", "cpu"]
+    cmd = [sys.executable, "-m", "t5vh_fast", "score", str(tiny_export)]
+    # the first run reads the first 96 lines from a pipe (12 windows of 8 rows), writes them, and waits for more
+    first = lines[:96]
+    proc = subprocess.Popen([*cmd, "-", *options], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    try:
+        proc.stdin.write("".join(line + "\n" for line in first).encode())
+        proc.stdin.flush()
+        n_bad = sum(n <= len(first) for n in bad_lines)
+        _wait_for_lines(out, len(first) - n_bad, proc)
+        _wait_for_lines(errors, n_bad, proc)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stdin.close()
+    assert 0 < n_bad < len(bad_lines)
+    written, reported = out.read_bytes(), errors.read_bytes()
+    assert len(written.splitlines()) == len(first) - n_bad and len(reported.splitlines()) == n_bad
+    for path, torn in ((out, '{"id": 99999, "response_ids": [1, 2'), (errors, '{"line": 150, "id": nu')):
+        with open(path, "a") as f:
+            f.write(torn)  # as if killed mid-line
+
+    result = subprocess.run([*cmd, str(src), *options], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    done = len(first) - n_bad
+    assert f"{len(good) - done} rows scored, {len(bad_lines)} failed, {done} already done" in result.stderr
+    assert out.read_bytes().startswith(written) and errors.read_bytes().startswith(reported)  # nothing rewritten
     ids = [json.loads(line)["id"] for line in out.read_text().splitlines()]
-    assert sorted(ids) == list(range(len(rows)))  # every id exactly once
+    assert sorted(ids) == sorted(good)  # every good id exactly once
+    reported_lines = [json.loads(line)["line"] for line in errors.read_text().splitlines()]
+    assert sorted(reported_lines) == bad_lines  # every bad row exactly once: not lost, not written twice
