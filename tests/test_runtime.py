@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -14,6 +15,7 @@ from scipy import stats
 
 import t5vh_fast
 from t5vh_fast import rollout as rollout_module
+from t5vh_fast.decoder import graph_files
 from t5vh_fast.errors import ExportError
 from t5vh_fast.manifest import FORMAT_VERSION, MANIFEST_NAME
 from t5vh_fast.reference import filter_logits as torch_filter
@@ -280,6 +282,104 @@ def test_not_an_export_and_tampered_exports(tmp_path, tiny_export, tiny_dir):
         t5vh_fast.load(no_merged, decoder="merged")
     with pytest.raises(ValueError, match="decoder must be one of"):
         t5vh_fast.load(copy, decoder="fused")
+
+
+# what each decoder layout reads, written out here (not taken from the code under test)
+LAYOUT_FILES = {
+    "single": [
+        "t5vh_encoder.onnx",
+        "t5vh_encoder.onnx.data",
+        "t5vh_decoder.onnx",
+        "t5vh_decoder.onnx.data",
+        "t5vh_embedding.npy",
+        "t5vh_tables.npz",
+    ],
+    "split": ["encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx"],
+    "merged": ["encoder_model.onnx", "decoder_model_merged.onnx"],
+}
+SIDE_FILES = {
+    MANIFEST_NAME,
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+}
+
+
+@pytest.mark.parametrize("which", ["tiny_export", "perturbed_export"])
+def test_the_manifest_lists_every_file_the_export_holds(request, which):
+    """Every graph, weight and table file of an export is listed with its hash, and in a layout
+    (the perturbed export was made with --no-merged: it has no merged layout and no merged graph)."""
+    export_dir = request.getfixturevalue(which)
+    manifest = json.loads((export_dir / MANIFEST_NAME).read_text())
+    held = {p.name for p in export_dir.iterdir()} - SIDE_FILES
+    assert set(manifest["files"]) == held
+    for name, digest in manifest["files"].items():
+        assert hashlib.sha256((export_dir / name).read_bytes()).hexdigest() == digest, name
+    expected = {k: v for k, v in LAYOUT_FILES.items() if which == "tiny_export" or k != "merged"}
+    assert {k: sorted(v) for k, v in manifest["layouts"].items()} == {k: sorted(v) for k, v in expected.items()}
+    assert set().union(*manifest["layouts"].values()) == held
+    for layout, files in LAYOUT_FILES.items():
+        assert sorted(graph_files(layout)) == sorted(files)  # what load() checks is what the layout reads
+
+
+@pytest.fixture(scope="module")
+def export_copy(tiny_export, tmp_path_factory):
+    copy = tmp_path_factory.mktemp("manifest") / "copy"
+    shutil.copytree(tiny_export, copy)
+    return copy
+
+
+@pytest.mark.parametrize("layout", ["single", "split", "merged"])
+def test_load_refuses_any_file_of_its_layout_the_manifest_does_not_vouch_for(
+    export_copy, tiny_export, perturbed_export, layout
+):
+    """For every file the layout reads: changed -> refused; left out of the manifest -> refused even with
+    verify=False, and even when the file is a valid graph of another model. Files of other layouts are
+    not this layout's business."""
+    manifest_path = export_copy / MANIFEST_NAME
+    manifest = json.loads(manifest_path.read_text())
+    t5vh_fast.load(export_copy, providers="cpu", decoder=layout)
+    for name in LAYOUT_FILES[layout]:
+        with open(export_copy / name, "ab") as f:
+            f.write(b"\0")
+        with pytest.raises(ExportError, match=f"{name} does not match the sha256"):
+            t5vh_fast.load(export_copy, decoder=layout)
+        other = perturbed_export / name  # a valid file of another model, where there is one
+        shutil.copy(other if other.exists() else tiny_export / name, export_copy / name)
+        unlisted = {**manifest, "files": {k: v for k, v in manifest["files"].items() if k != name}}
+        for listing in (
+            unlisted,
+            {**unlisted, "layouts": {k: [f for f in v if f != name] for k, v in manifest["layouts"].items()}},
+        ):
+            manifest_path.write_text(json.dumps(listing))
+            for verify in (True, False):
+                with pytest.raises(ExportError, match=f"{name} is not listed in {MANIFEST_NAME}"):
+                    t5vh_fast.load(export_copy, decoder=layout, verify=verify)
+        manifest_path.write_text(json.dumps(manifest))
+        shutil.copy(tiny_export / name, export_copy / name)
+    for listing, message in (
+        ({**manifest, "files": {}}, "is not listed"),
+        (_without(manifest, "files"), "no valid 'files'"),
+    ):
+        manifest_path.write_text(json.dumps(listing))
+        with pytest.raises(ExportError, match=message):
+            t5vh_fast.load(export_copy, decoder=layout, verify=False)
+    manifest_path.write_text(json.dumps(manifest))
+    for name in sorted(set(manifest["files"]) - set(LAYOUT_FILES[layout])):
+        with open(export_copy / name, "ab") as f:  # damage every file this layout does not read
+            f.write(b"\0")
+    try:
+        policy = t5vh_fast.load(export_copy, providers="cpu", decoder=layout)
+        assert policy.respond_to_batch([[5, 6, 1]], txt_len=2, seed=0).tokens.shape == (1, 2)
+    finally:
+        for name in manifest["files"]:
+            shutil.copy(tiny_export / name, export_copy / name)
+
+
+def _without(mapping: dict, key: str) -> dict:
+    return {k: v for k, v in mapping.items() if k != key}
 
 
 def _without_layout(src, dst, layout):
