@@ -86,6 +86,46 @@ def test_sample_command(tiny_export):
 
 
 @pytest.mark.parametrize(
+    "options",
+    [
+        dict(top_k=3, top_p=1.0, seed=1, txt_len=7, n=2),
+        dict(top_k=0, top_p=0.3, seed=2, txt_len=5, n=1),
+        dict(top_k=40, top_p=0.8, seed=3, txt_len=4, n=3),
+    ],
+)
+def test_sample_command_options_reach_the_sampler(tiny_dir, tiny_export, options):
+    """t5vh-sample --top-k/--top-p/--seed/--txt-len/-n give exactly what respond_to_batch gives with them
+    (the same computation: same export, layout and providers), and the options change the result."""
+    from transformers import AutoTokenizer
+
+    import t5vh_fast
+
+    texts = ["paraphrase: Which course should I take?", "How do I cook rice?"]
+    args = [str(tiny_export), *texts, "--json", "--providers", "cpu", "-n", str(options["n"])]
+    for name in ("top_k", "top_p", "seed", "txt_len"):
+        args += [f"--{name.replace('_', '-')}", str(options[name])]
+    result = CliRunner().invoke(sample_command, args)
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.output.splitlines()]
+    policy = t5vh_fast.load(tiny_export, providers="cpu")
+    repeated = [t for t in texts for _ in range(options["n"])]
+    ids, mask = policy.encode_text(repeated)
+    sampling = {k: options[k] for k in ("top_k", "top_p", "seed", "txt_len")}
+    expected = policy.respond_to_batch(ids, mask, **sampling)
+    assert [r["query"] for r in records] == repeated
+    np.testing.assert_array_equal([r["response_ids"] for r in records], expected.tokens)
+    np.testing.assert_allclose([r["logprobs"] for r in records], expected.logprobs, rtol=0, atol=1e-6)
+    np.testing.assert_allclose([r["values"] for r in records], expected.values, rtol=0, atol=1e-6)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)  # decoded independently of the runtime
+    assert [r["response"] for r in records] == tokenizer.batch_decode(expected.tokens, skip_special_tokens=True)
+    assert any(r["response"] for r in records)
+    unfiltered = policy.respond_to_batch(ids, mask, **{**sampling, "top_k": 0, "top_p": 1.0})
+    assert not np.array_equal(unfiltered.tokens, expected.tokens)  # the filter options matter here
+    reseeded = policy.respond_to_batch(ids, mask, **{**sampling, "seed": options["seed"] + 10})
+    assert not np.array_equal(reseeded.tokens, expected.tokens)
+
+
+@pytest.mark.parametrize(
     "args,message",
     [
         (["--txt-len", "0"], "txt_len must be a positive integer"),

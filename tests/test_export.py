@@ -18,6 +18,8 @@ from t5vh_fast.export import ExportParityError, check_export, export
 from t5vh_fast.export import convert as convert_module
 from t5vh_fast.manifest import FORMAT_VERSION, MANIFEST_NAME
 
+from .conftest import mixed_queries, tol
+
 GRAPHS = ["encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx", "decoder_model_merged.onnx"]
 SINGLE_GRAPHS = ["t5vh_encoder.onnx", "t5vh_decoder.onnx"]
 SINGLE_FILES = SINGLE_GRAPHS + [f"{g}.data" for g in SINGLE_GRAPHS] + ["t5vh_embedding.npy", "t5vh_tables.npz"]
@@ -48,13 +50,63 @@ def test_export_each_family_and_layout(tmp_path, family, layout):
     graphs = manifest["parity"]["graphs"]
     assert sorted(graphs) == sorted(GRAPHS + SINGLE_GRAPHS)
     for graph, entry in graphs.items():
-        assert entry["ok"], graph
-        for key in entry:
-            if key.endswith("max_abs_diff"):
-                assert entry[key] <= entry[key.replace("max_abs_diff", "tol")]
+        compared = {k.replace("_max_abs_diff", "") for k in entry if k.endswith("max_abs_diff")}
+        assert compared == COMPARED[graph], graph  # the check compared what each graph computes
+        for name in compared:
+            assert 0 <= entry[f"{name}_max_abs_diff"] <= entry[f"{name}_tol"] < 1, (graph, name)
     for side in ("config.json", "generation_config.json", "tokenizer.json"):
         assert (out / side).is_file()
     assert _leftovers(tmp_path, ".partial.") == []
+    _assert_export_matches_pytorch(out, load_reference(model_dir))
+
+
+# what the post-export check must compare per graph file
+COMPARED = {
+    "encoder_model.onnx": {"hidden"},
+    "t5vh_encoder.onnx": {"cross_key", "cross_value"},
+    **{g: {"logits", "values"} for g in GRAPHS[1:] + SINGLE_GRAPHS[1:]},
+}
+
+
+def _assert_export_matches_pytorch(out, model):
+    """The export's parity recomputed here, not read from the manifest: every layout through the
+    public runtime (teacher-forced scores and a sampled rollout) against the PyTorch model, within tol."""
+    ids, mask = mixed_queries(8, model.config.vocab_size, seed=40)
+    u = np.random.default_rng(40).random((8, 6))
+    for layout in ("single", "split", "merged"):
+        policy = t5vh_fast.load(out, providers="cpu", decoder=layout)
+        rollout = policy.respond_to_batch(ids, mask, txt_len=6, uniforms=u)
+        scores = policy.score(ids, rollout.tokens, mask)
+        with torch.no_grad():
+            ref = model(
+                input_ids=torch.from_numpy(ids),
+                attention_mask=torch.from_numpy(mask),
+                decoder_input_ids=model._shift_right(torch.from_numpy(rollout.tokens)),
+            )
+        logits, values = ref.logits.numpy(), ref.value.numpy()
+        chosen = np.take_along_axis(torch.log_softmax(ref.logits, -1).numpy(), rollout.tokens[..., None], -1)[..., 0]
+        for name, ours, want, limit in (
+            ("score logprobs", scores.logprobs, chosen, tol(logits)),
+            ("score values", scores.values, values, tol(values)),
+            ("rollout logprobs", rollout.logprobs, chosen, tol(logits)),
+            ("rollout values", rollout.values, values, tol(values)),
+        ):
+            assert np.abs(ours - want).max() <= limit, (layout, name, np.abs(ours - want).max())
+
+
+def test_check_compares_values(tiny_dir, tiny_export):
+    """A value head the export does not have (its bias moved by 0.01) fails every decoder graph's check on
+    the values alone; the logits still pass."""
+    model = load_reference(tiny_dir)
+    assert all(entry["ok"] for entry in check_export(model, tiny_export).values())
+    with torch.no_grad():
+        model.v_head.linear.bias.add_(0.01)
+    report = check_export(model, tiny_export)
+    for graph in GRAPHS[1:] + SINGLE_GRAPHS[1:]:
+        entry = report[graph]
+        assert not entry["ok"], graph
+        assert entry["values_max_abs_diff"] == pytest.approx(0.01, rel=1e-3), graph
+        assert entry["logits_max_abs_diff"] <= entry["logits_tol"], graph
 
 
 @pytest.mark.parametrize("family", ["t5", "t5-v1_1"])

@@ -203,12 +203,20 @@ def test_seed_follows_the_rng_contract(policy):
     )
 
 
-def test_text_helpers(policy):
+def test_text_helpers(policy, tiny_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)  # the checkpoint's own tokenizer, through transformers
     texts = ["paraphrase: Which course should I take?", "How do I cook rice?"]
-    responses = policy.respond_to_text(texts, txt_len=6, seed=0)
-    assert len(responses) == 2 and all(isinstance(r, str) for r in responses)
     ids, mask = policy.encode_text(texts)
     assert ids[0, int(mask[0].sum()) - 1] == EOS and mask[1].sum() < mask[0].sum()
+    for row, text in zip(ids[mask.astype(bool).any(1)], texts):
+        assert list(row[: len(tokenizer(text).input_ids)]) == tokenizer(text).input_ids
+    assert policy.decode_text(ids) == texts  # padding and </s> are skipped: the text comes back
+    responses = policy.respond_to_text(texts, txt_len=6, seed=0)
+    tokens = policy.respond_to_batch(ids, mask, txt_len=6, seed=0).tokens
+    assert responses == tokenizer.batch_decode(tokens, skip_special_tokens=True)
+    assert all(responses)
 
 
 # ---------------------------------------------------------------------- bad input
