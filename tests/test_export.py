@@ -18,7 +18,7 @@ from t5vh_fast.export import ExportParityError, check_export, export
 from t5vh_fast.export import convert as convert_module
 from t5vh_fast.manifest import FORMAT_VERSION, MANIFEST_NAME
 
-from .conftest import mixed_queries, tol
+from .conftest import assert_same_samples, mixed_queries, tol
 
 GRAPHS = ["encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx", "decoder_model_merged.onnx"]
 SINGLE_GRAPHS = ["t5vh_encoder.onnx", "t5vh_decoder.onnx"]
@@ -128,14 +128,18 @@ def test_optimum_loads_the_export_and_greedy_tokens_match(tiny_export, reference
     from optimum.onnxruntime import ORTModelForSeq2SeqLM
 
     ort_model = ORTModelForSeq2SeqLM.from_pretrained(tiny_export)
-    ids = torch.tensor([[5, 6, 7, 8, 1], [9, 10, 1, 0, 0]])
-    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    ids, mask = mixed_queries(256, 256, seed=41)
     kwargs = dict(
-        input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=12, min_new_tokens=12, num_beams=1
+        input_ids=torch.from_numpy(ids),
+        attention_mask=torch.from_numpy(mask),
+        do_sample=False,
+        max_new_tokens=8,
+        min_new_tokens=8,
+        num_beams=1,
     )
     ours = ort_model.generate(**kwargs)
     theirs = reference.generate(**kwargs)
-    assert torch.equal(ours, theirs)
+    assert_same_samples(ours, theirs)  # two computations: >= 99.9% of greedy tokens, as the contract's parity
 
 
 def test_existing_output_needs_force_and_force_replaces_only_an_export(tmp_path, tiny_dir):

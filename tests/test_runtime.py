@@ -15,12 +15,13 @@ from scipy import stats
 
 import t5vh_fast
 from t5vh_fast import rollout as rollout_module
+from t5vh_fast import sampling
 from t5vh_fast.decoder import graph_files
 from t5vh_fast.errors import ExportError
 from t5vh_fast.manifest import FORMAT_VERSION, MANIFEST_NAME
 from t5vh_fast.reference import filter_logits as torch_filter
 
-from .conftest import assert_pad_invariant, mixed_queries, tol
+from .conftest import assert_pad_invariant, assert_same_samples, mixed_queries, tol
 
 EOS = 1
 FILTERS = [(0, 1.0), (20, 1.0), (0, 0.85), (30, 0.9)]
@@ -51,6 +52,43 @@ def test_token_parity_with_pytorch_on_shared_uniforms(policy, reference, top_k, 
         assert np.abs(ours.sampling_logprobs - ref.sampling_logprobs.numpy())[same].max() <= tol(logits)
     else:
         assert ours.sampling_logprobs is None
+
+
+@pytest.fixture(scope="module")
+def wide_vocab(tmp_path_factory):
+    """A tiny-width model (d_model 64) with t5-small's vocabulary, 32128 ids (126 blocks of the two-level
+    draw), and its export: the multi-block draw against the reference in seconds, in the default suite."""
+    from t5vh_fast.demo import build_config
+    from t5vh_fast.export import export
+    from t5vh_fast.modeling import T5HeadWithValueModel
+
+    config = build_config("tiny")
+    config.vocab_size = 32128
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = T5HeadWithValueModel(config).eval()
+    root = tmp_path_factory.mktemp("wide")
+    model.save_pretrained(root / "model")
+    return model, export(root / "model", root / "model-onnx", merged=False)
+
+
+def test_token_parity_with_a_t5_small_vocabulary(wide_vocab):
+    """Unfiltered, so every draw searches the whole 126-block CDF (filtering is held by the tests above)."""
+    model, export_dir = wide_vocab
+    policy = t5vh_fast.load(export_dir, providers="cpu")
+    ids, mask = mixed_queries(256, 32128, seed=19, max_len=12)
+    u = np.random.default_rng(19).random((256, 6))
+    ours = policy.respond_to_batch(ids, mask, txt_len=6, uniforms=u)
+    ref = model.respond_to_batch(ids, mask, txt_len=6, uniforms=u)
+    assert np.unique(ours.tokens // sampling.BLOCK).size > 100  # the draws land in most of the 126 blocks
+    with torch.no_grad():
+        logits = model(
+            input_ids=torch.from_numpy(ids),
+            attention_mask=torch.from_numpy(mask),
+            decoder_input_ids=model._shift_right(ref.tokens),
+        ).logits.numpy()
+    assert_same_samples(ours.tokens, ref.tokens, ours.logprobs, ref.logprobs, atol=tol(logits))
+    assert_same_samples(ours.tokens, ref.tokens, ours.values, ref.values, atol=tol(ref.values))
 
 
 class _IntegerLogits:
