@@ -1,6 +1,14 @@
-"""Shared fixtures: tiny demo models and their exports, built once per test session."""
+"""Shared fixtures: tiny demo models and their exports, built once per test session.
+
+With ``T5VH_TEST_FIXTURES=DIR`` they are built once into DIR and reused by later sessions (the
+mutation check, ``scripts/mutation_check.py``, runs hundreds of short sessions on the same models).
+"""
 
 from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,16 +40,33 @@ def tol(reference) -> float:
     return 1e-4 * max(1.0, float(np.abs(np.asarray(reference)).max()))
 
 
+def _built(tmp_path_factory, name: str, build) -> Path:
+    """``build(path)`` into a fresh session directory, or once into ``$T5VH_TEST_FIXTURES/name``."""
+    shared = os.environ.get("T5VH_TEST_FIXTURES")
+    if not shared:
+        path = tmp_path_factory.mktemp("fixtures") / name
+        build(path)
+        return path
+    path = Path(shared) / name
+    if not path.exists():
+        building = Path(shared) / f".{name}.building"
+        shutil.rmtree(building, ignore_errors=True)
+        building.parent.mkdir(parents=True, exist_ok=True)
+        build(building)
+        building.rename(path)  # complete or absent: a killed session leaves only .NAME.building
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
-    return write_demo(tmp_path_factory.mktemp("models") / "tiny", size="tiny")
+    return _built(tmp_path_factory, "tiny", lambda path: write_demo(path, size="tiny"))
 
 
 @pytest.fixture(scope="session")
 def tiny_export(tiny_dir, tmp_path_factory):
     from t5vh_fast.export import export
 
-    return export(tiny_dir, tmp_path_factory.mktemp("exports") / "tiny-onnx")
+    return _built(tmp_path_factory, "tiny-onnx", lambda path: export(tiny_dir, path))
 
 
 @pytest.fixture(scope="session")
@@ -59,21 +84,22 @@ def perturbed_dir(tiny_dir, tmp_path_factory):
 
     from t5vh_fast.checkpoint import load_reference
 
-    model = load_reference(tiny_dir)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.decoder.parameters():
-            p.add_(torch.randn(p.shape, generator=generator) * 0.05)
-    out = tmp_path_factory.mktemp("models") / "perturbed"
-    model.save_pretrained(out)
-    return out
+    def build(path):
+        model = load_reference(tiny_dir)
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in model.decoder.parameters():
+                p.add_(torch.randn(p.shape, generator=generator) * 0.05)
+        model.save_pretrained(path)
+
+    return _built(tmp_path_factory, "perturbed", build)
 
 
 @pytest.fixture(scope="session")
 def perturbed_export(perturbed_dir, tmp_path_factory):
     from t5vh_fast.export import export
 
-    return export(perturbed_dir, tmp_path_factory.mktemp("exports") / "perturbed-onnx", merged=False)
+    return _built(tmp_path_factory, "perturbed-onnx", lambda path: export(perturbed_dir, path, merged=False))
 
 
 @pytest.fixture(scope="session", params=["single", "split", "merged"])
