@@ -51,6 +51,7 @@ SUBSETS = {
         "tests/test_modeling.py::test_filtering_equals_transformers_warpers",
         "tests/test_modeling.py::test_filters_follow_the_tie_rule_on_tied_logits",
         "tests/test_modeling.py::test_draw_is_the_inverse_cdf_of_the_rng_contract",
+        "tests/test_modeling.py::test_a_tiny_top_p_keeps_the_top_tokens",
         "tests/test_runtime.py::test_token_parity_on_tied_logits",
         "tests/test_runtime.py::test_token_parity_with_pytorch_on_shared_uniforms",
         "tests/test_runtime.py::test_nan_logits_are_an_error_naming_step_and_row",
@@ -125,6 +126,7 @@ class Mutant:
     module: str  # file name in the package
     number: int  # per module, in source order
     line: int
+    column: int  # of the replaced text, 1-based
     kind: str
     start: int  # byte offsets of the replaced text
     end: int
@@ -136,7 +138,7 @@ class Mutant:
         return f"{self.module}:{self.number}"
 
     def describe(self) -> str:
-        return f"{self.name} line {self.line} {self.kind}: {self.original!r} -> {self.replacement!r}"
+        return f"{self.name} line {self.line}:{self.column} {self.kind}: {self.original!r} -> {self.replacement!r}"
 
     def apply(self, source: bytes) -> bytes:
         return source[: self.start] + self.replacement.encode() + source[self.end :]
@@ -337,7 +339,9 @@ def mutants(module: str) -> list:
         if (start, end, replacement) in seen:
             continue
         seen.add((start, end, replacement))
-        mutant = Mutant(module, len(out) + 1, line, kind, start, end, replacement, source[start:end].decode())
+        first = source.rfind(b"\n", 0, start) + 1
+        column = len(source[first:start].decode()) + 1
+        mutant = Mutant(module, len(out) + 1, line, column, kind, start, end, replacement, source[start:end].decode())
         try:
             ast.parse(mutant.apply(source))
         except SyntaxError:
@@ -473,7 +477,8 @@ def _summary(results: list) -> str:
     if survivors:
         lines += ["", "Survivors:", ""]
         lines += [
-            f"- {r['name']} line {r['line']} {r['kind']}: `{r['original']}` -> `{r['replacement']}`" for r in survivors
+            f"- {r['name']} line {r['line']}:{r['column']} {r['kind']}: `{r['original']}` -> `{r['replacement']}`"
+            for r in survivors
         ]
     return "\n".join(lines)
 

@@ -35,10 +35,9 @@ def filter_logits(logits: np.ndarray, *, top_k: int = 0, top_p: float = 1.0) -> 
         part = np.partition(logits, vocab - top_k, axis=-1)
         kth = part[:, vocab - top_k : vocab - top_k + 1]
         logits[logits < kth] = -np.inf
-        if (np.isfinite(logits).sum(axis=-1) == top_k).all():  # no ties at the k-th value
+        if (np.isfinite(logits).sum(axis=-1) == top_k).all():  # no ties at the k-th value: top-p needs the k only
             candidates = part[:, vocab - top_k :]
-        else:
-            candidates = logits
+        # else ties kept more than k in some row: top-p sorts the whole filtered row (`candidates` is `logits`)
     if top_p < 1.0:
         values = np.sort(candidates, axis=-1)
         remove = np.cumsum(softmax(values), axis=-1) <= (1.0 - top_p)

@@ -213,6 +213,23 @@ def test_filters_follow_the_tie_rule_on_tied_logits(top_k, top_p):
         np.testing.assert_array_equal(theirs, ours_torch)  # top-k alone keeps ties in transformers too
 
 
+@pytest.mark.parametrize("integer", [False, True])
+def test_a_tiny_top_p_keeps_the_top_tokens(integer):
+    """top_p -> 0 removes every token but the largest (and those tied with it), never all of them, even
+    where the float32 cumulative sum ends below 1 - top_p."""
+    rng = np.random.default_rng(7)
+    logits = (rng.standard_normal((256, 300)) * 3).astype(np.float32)
+    if integer:
+        logits = np.round(logits / 2)
+    expected = logits == logits.max(axis=-1, keepdims=True)
+    for top_k in (0, 40):
+        kept_numpy = np.isfinite(sampling.filter_logits(logits, top_k=top_k, top_p=1e-12))
+        kept_torch = torch.isfinite(filter_logits(torch.from_numpy(logits), top_k=top_k, top_p=1e-12)).numpy()
+        np.testing.assert_array_equal(kept_numpy, expected)
+        np.testing.assert_array_equal(kept_torch, expected)
+    assert (expected.sum(-1) > 1).any() == integer
+
+
 def test_draw_is_the_inverse_cdf_of_the_rng_contract():
     logits = torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.4]]))
     cases = {0.0: 0, 0.0999: 0, 0.1001: 1, 0.2999: 1, 0.3001: 2, 0.5999: 2, 0.6001: 3, 0.9999: 3}

@@ -367,6 +367,20 @@ def test_the_job_stops_at_a_non_finite_row_and_writes_no_nan(tmp_path, nan_expor
     assert sorted(strict_json(line)["id"] for line in written.splitlines()) == [0, 1, 2, 3]
 
 
+def test_a_non_finite_error_without_a_row_passes_through_the_job_unchanged():
+    """Only an error that names its row can be given the row's line and id; any other goes on as it is."""
+
+    class Failing:
+        vocab_size, pad_token_id = 256, 0
+
+        def score(self, *args, **kwargs):
+            raise NonFiniteError("the whole batch is NaN")
+
+    records = score_rows(Failing(), [{"id": 1, "query_ids": [5, 1], "response_ids": [4]}])
+    with pytest.raises(NonFiniteError, match="^the whole batch is NaN$"):
+        list(records)
+
+
 def test_export_refuses_a_nan_weight_end_to_end(tmp_path):
     model = build_model("tiny", seed=2)
     with torch.no_grad():

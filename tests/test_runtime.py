@@ -220,6 +220,38 @@ def test_rollout_equals_score_on_the_same_tokens(policy, reference, top_k, top_p
     np.testing.assert_allclose(scores.values, rollout.values, atol=tol(rollout.values))
 
 
+def test_num_samples_equals_the_repeated_batch(policy):
+    """num_samples responses per query, query-major: the numbers of the query batch repeated (the encoder
+    runs once per query instead: a different computation, so the contract's parity), the same draws for
+    a seed, ``query_index`` mapping rows to queries, and score() taking the R = B x num_samples rows."""
+    ids, mask = mixed_queries(86, 256, seed=20)
+    u = np.random.default_rng(20).random((258, 8))
+    grouped = policy.respond_to_batch(ids, mask, txt_len=8, num_samples=3, uniforms=u)
+    repeated = policy.respond_to_batch(np.repeat(ids, 3, axis=0), np.repeat(mask, 3, axis=0), txt_len=8, uniforms=u)
+    np.testing.assert_array_equal(grouped.query_index, np.repeat(np.arange(86), 3))
+    assert_same_samples(grouped.tokens, repeated.tokens, grouped.logprobs, repeated.logprobs)
+    assert_same_samples(grouped.tokens, repeated.tokens, grouped.values, repeated.values)
+    seeded = policy.respond_to_batch(ids, mask, txt_len=8, num_samples=3, seed=9)
+    rng = np.random.Generator(np.random.PCG64(9))
+    draws = np.stack([rng.random(258) for _ in range(8)], axis=1)
+    np.testing.assert_array_equal(
+        seeded.tokens, policy.respond_to_batch(ids, mask, txt_len=8, num_samples=3, uniforms=draws).tokens
+    )
+    scores = policy.score(ids, grouped.tokens, mask)
+    np.testing.assert_allclose(scores.logprobs, grouped.logprobs, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(scores.values, grouped.values, rtol=0, atol=1e-4)
+
+
+def test_callback_sees_every_step(policy):
+    ids, mask = mixed_queries(4, 256, seed=21)
+    seen = []
+    rollout = policy.respond_to_batch(
+        ids, mask, txt_len=5, seed=21, callback=lambda t, tokens: seen.append((t, tokens.copy()))
+    )
+    assert [t for t, _ in seen] == list(range(5))
+    np.testing.assert_array_equal(np.stack([tokens for _, tokens in seen], axis=1), rollout.tokens)
+
+
 def test_seed_reproducible_and_seeds_differ(policy):
     ids, mask = mixed_queries(4, 256, seed=15)
     a = policy.respond_to_batch(ids, mask, txt_len=8, seed=7)
@@ -301,6 +333,9 @@ def test_nan_logits_are_an_error_naming_step_and_row(monkeypatch):
 def test_not_an_export_and_tampered_exports(tmp_path, tiny_export, tiny_dir):
     with pytest.raises(FileNotFoundError, match="not found"):
         t5vh_fast.load(tmp_path / "nope")
+    (tmp_path / "a-file").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="a-file is a file, not an export directory"):
+        t5vh_fast.load(tmp_path / "a-file")
     with pytest.raises(ExportError, match="not a t5vh export.*t5vh-export"):
         t5vh_fast.load(tiny_dir)
     copy = tmp_path / "copy"
@@ -448,6 +483,13 @@ def test_exports_of_format_1_load_with_optimums_layout(tmp_path, tiny_export):
     policy = t5vh_fast.load(old, providers="cpu")
     assert policy.decoder.layout == "split"
     assert policy.respond_to_batch([[5, 6, 1]], txt_len=3, seed=0).tokens.shape == (1, 3)
+    assert t5vh_fast.load(old, providers="cpu", decoder="merged").decoder.layout == "merged"
+    with pytest.raises(ExportError, match="no 'single' decoder layout"):
+        t5vh_fast.load(old, decoder="single")  # format 1 had Optimum's graphs only
+    del manifest["files"]["decoder_model_merged.onnx"]  # an export made with --no-merged
+    (old / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(ExportError, match=r"no 'merged' decoder layout \(it has 'split'\)"):
+        t5vh_fast.load(old, decoder="merged")
 
 
 # ---------------------------------------------------------------------- no torch

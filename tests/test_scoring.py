@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import signal
 import subprocess
@@ -57,6 +58,9 @@ def test_kl_and_reward_formulas(policy):
     expected = (scores.logprobs.astype(np.float64) - ref_logprobs) * scores.response_mask  # log p - log p_ref
     np.testing.assert_allclose(kl, expected, rtol=0, atol=1e-6)
     assert (kl[scores.response_mask == 0] == 0).all() and (kl[scores.response_mask == 1] != 0).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a mean KL of exactly 0 is not negative: no warning
+        assert (t5vh_fast.kl(scores, scores) == 0).all()
     known = Scores(
         logprobs=np.array([[-1.0, -2.0, 0.0]]), values=None, entropy=None, response_mask=np.array([[1, 1, 0]])
     )
@@ -69,6 +73,15 @@ def test_kl_and_reward_formulas(policy):
     np.testing.assert_allclose(per_token, [[0.5, -1.0, 0.0]])
     assert any("negative" in str(w.message) for w in caught)
     np.testing.assert_allclose(t5vh_fast.reward([2.0], per_token, beta=0.2), [2.0 - 0.2 * -0.5])
+    with pytest.raises(ValueError, match="differ in shape"):
+        t5vh_fast.kl(known, Scores(logprobs=np.zeros((1, 2)), values=None, entropy=None, response_mask=None))
+    for bad_kl, bad_score in (([[0.1, np.nan]], [1.0]), ([[0.1, 0.2]], [1.0, np.inf])):
+        with pytest.raises(FloatingPointError, match="NaN or inf"):  # one bad number among good ones is enough
+            t5vh_fast.reward(bad_score, bad_kl, beta=0.1)
+    for beta in (True, -0.1, float("inf"), "0.1", None):
+        with pytest.raises(ValueError, match="beta must be a finite number >= 0"):
+            t5vh_fast.reward([1.0], [[0.1]], beta=beta)
+    assert t5vh_fast.reward([1.0], [[0.1]], beta=0) == 1.0
 
 
 def test_kl_against_a_perturbed_reference_is_nonnegative_on_policy_samples(tiny_export, perturbed_export):
@@ -105,6 +118,10 @@ def _rows(policy):
         (json.dumps({"id": "b3", "query_ids": [5, 1], "response_ids": [4, 256]}), "outside the vocabulary"),
         (json.dumps({"id": "b4", "query_ids": [5] * 600, "response_ids": [4]}), "too long"),
         (json.dumps({"id": "b5", "query_ids": [5, 1], "response_ids": [4], "score": "high"}), "'score' must be"),
+        (
+            json.dumps({"id": "b6", "query_ids": [5.5, 1], "response_ids": [4]}),
+            "'query_ids' must be a list of integers",
+        ),
         (json.dumps({"id": 2, "query_ids": [5, 1], "response_ids": [4]}), "duplicate id"),
     ]
     return good, bad
@@ -237,6 +254,24 @@ def test_job_exits_non_zero_when_every_row_fails_or_fail_fast(tmp_path, tiny_exp
         score_command, [str(tiny_export), str(src), "-o", str(tmp_path / "o2.jsonl"), "--fail-fast"]
     )
     assert result.exit_code == 1 and "line 2: invalid JSON" in result.output
+
+
+def test_run_job_from_python_takes_a_path_a_dash_or_an_open_file(tmp_path, tiny_export, monkeypatch):
+    from t5vh_fast.errors import PathNotFound
+    from t5vh_fast.job import run_job
+
+    policy = t5vh_fast.load(tiny_export, providers="cpu")
+    text = "".join(json.dumps({"id": i, "query_ids": [5 + i, 1], "response_ids": [7, 8]}) + "\n" for i in range(3))
+    src = tmp_path / "in.jsonl"
+    src.write_text(text)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(text.encode())))
+    for i, source in enumerate([src, str(src), "-", io.StringIO(text), io.BytesIO(text.encode())]):
+        out = tmp_path / f"out{i}.jsonl"
+        assert run_job(policy, source, out).rows_ok == 3, source
+        assert sorted(json.loads(line)["id"] for line in out.read_text().splitlines()) == [0, 1, 2]
+    with pytest.raises(PathNotFound, match="input file not found"):
+        run_job(policy, tmp_path / "missing.jsonl", tmp_path / "o.jsonl")
+    assert not (tmp_path / "o.jsonl").exists()
 
 
 def test_score_rows_from_python(policy):
