@@ -45,24 +45,46 @@ def _echo_err(message: str) -> None:
 
 @click.command(name="t5vh-export")
 @click.argument("model_dir", type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="Export directory [default: MODEL_DIR-onnx].")
+@click.option(
+    "-o", "--output", type=click.Path(path_type=Path), help="Export directory [default: MODEL_DIR-onnx[-PRECISION]]."
+)
 @click.option("--force", is_flag=True, help="Replace an existing export directory.")
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "int8", "fp16", "bf16"]),
+    default="fp32",
+    show_default=True,
+    help="fp32: the reference. int8: for the CPU. fp16/bf16: for CUDA/TensorRT. Reduced precisions are "
+    "measured against fp32 (the precision-gap report).",
+)
+@click.option(
+    "--max-kl",
+    type=float,
+    default=None,
+    help="Refuse a reduced-precision export whose mean per-token KL to fp32 is larger than this.",
+)
+@click.option(
+    "--optimum/--no-optimum", default=True, show_default=True, help="Also write Optimum's layout (fp32 only)."
+)
 @click.option("--merged/--no-merged", default=True, show_default=True, help="Also write decoder_model_merged.onnx.")
-@click.option("--opset", type=int, default=None, help="ONNX opset [default: Optimum's for T5].")
+@click.option("--opset", type=int, default=None, help="ONNX opset of Optimum's graphs [default: Optimum's for T5].")
 @click.option("--allow-pickle", is_flag=True, help="Read a .bin (pickle) checkpoint. Only for files you trust.")
 @click.option("--strict", is_flag=True, help="Fail instead of warning when the value-head weights are missing.")
 @user_errors
-def export_command(model_dir, output, force, merged, opset, allow_pickle, strict):
+def export_command(model_dir, output, force, precision, max_kl, optimum, merged, opset, allow_pickle, strict):
     """Export a T5 value-head model to ONNX, checked against PyTorch.
 
-    Writes encoder and decoder graphs (the decoders also output `value`),
-    config and tokenizer files, and t5vh_manifest.json with hashes and the
-    parity report. Nothing is left behind if anything fails.
+    Writes t5vh's own graphs (the runtime's default), Optimum's encoder and
+    decoder graphs (the decoders also output `value`), config and tokenizer
+    files, and t5vh_manifest.json with hashes and the parity report. A reduced
+    precision writes t5vh's graphs only, with a precision-gap report instead
+    of the parity check. Nothing is left behind if anything fails.
 
     \b
     Example:
         t5vh-demo write demo-model
         t5vh-export demo-model            # writes demo-model-onnx/
+        t5vh-export demo-model --precision int8 --max-kl 0.01   # writes demo-model-onnx-int8/
         t5vh-export demo-model -o out --force --no-merged
     """
     from .export import export
@@ -72,6 +94,9 @@ def export_command(model_dir, output, force, merged, opset, allow_pickle, strict
         model_dir,
         output,
         force=force,
+        precision=precision,
+        max_kl=max_kl,
+        optimum=optimum,
         merged=merged,
         opset=opset,
         allow_pickle=allow_pickle,

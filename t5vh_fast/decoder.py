@@ -278,6 +278,8 @@ class SingleDecoder(OnnxDecoder):
         self._cross = [f"cross_{kind}.{i}" for i in layers for kind in ("key", "value")]
         self._past = [f"past_{kind}.{i}" for i in layers for kind in ("key", "value")]
         self._present = [f"present_{kind}.{i}" for i in layers for kind in ("key", "value")]
+        # the KV cache is kept in the type each layer's self-attention computes in
+        self._cache_types = [_ELEMENT_TYPES[names[name].type] for name in self._past]
         self._encoder_bias = {}
 
     def with_weights(self, arrays):
@@ -315,22 +317,14 @@ class SingleDecoder(OnnxDecoder):
         feeds.update(zip(self._cross, state.cross_kv))
         feeds.update(zip(self._past, state.self_kv))
         out = self.graphs[1].run(feeds, host=("logits", "value"), into=dict(zip(self._present, state.self_kv)))
-        new_state = DecoderState(
-            state.self_kv,  # written in place
-            state.cross_kv,
-            None,
-            state.encoder_mask,
-            state.rows,
-            state.length + steps,
-            state.capacity,
-        )
+        new_state = dataclasses.replace(state, length=state.length + steps)  # the cache was written in place
         return out["logits"].numpy(), out["value"].numpy(), new_state
 
     def _cache(self, rows: int, capacity: int) -> list:
         shape = (rows, self._heads, capacity, self._d_kv)
         return [
-            ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, self.device, self.device_id)
-            for _ in self._past
+            ort.OrtValue.ortvalue_from_shape_and_type(shape, kind, self.device, self.device_id)
+            for kind in self._cache_types
         ]
 
     def _grown(self, state: DecoderState, capacity: int) -> DecoderState:
@@ -338,7 +332,7 @@ class SingleDecoder(OnnxDecoder):
         to ``encode`` never need this)."""
         cache = self._cache(state.rows, capacity)
         for old, new in zip(state.self_kv, cache):
-            grown = np.empty(new.shape(), dtype=np.float32)
+            grown = np.zeros(new.shape(), dtype=old.numpy().dtype)
             grown[:, :, : state.length] = old.numpy()[:, :, : state.length]
             new.update_inplace(grown)
         return dataclasses.replace(state, self_kv=cache, capacity=capacity)
@@ -365,6 +359,8 @@ class SingleDecoder(OnnxDecoder):
         return np.ascontiguousarray(bias[None], dtype=np.float32)
 
 
+# onnxruntime's names of the KV-cache element types -> what OrtValue allocation takes (16 = ONNX BFLOAT16)
+_ELEMENT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(bfloat16)": 16}
 EMBEDDING_FILE = "t5vh_embedding.npy"
 TABLES_FILE = "t5vh_tables.npz"
 

@@ -20,7 +20,7 @@ from .inputs import (
     pad_batch,
 )
 from .manifest import DECODER_GRAPH, ENCODER_GRAPH, check_files, default_layout, layouts, read_manifest
-from .providers import CudaOptions, provider_errors
+from .providers import CudaOptions, provider_errors, resolve_providers
 from .results import Rollout, Scores
 from .rollout import respond
 from .scoring import score as _score
@@ -199,13 +199,14 @@ class OnnxPolicy:
                 "decoder='single'"
             )
         spec = ModelSpec.from_config(self.config)
-        if plan_record(spec, self.precision) != recorded:
+        keep = tuple(self.manifest.get("kept_fp32", ()))
+        if plan_record(spec, self.precision, keep) != recorded:
             raise ExportError(
                 f"{self.root} was exported with another weight layout than this t5vh_fast computes: re-export it"
             )
         params = checkpoint_params(weights, spec)
         arrays = {
-            name: place_arrays(params, spec, self.precision, place)
+            name: place_arrays(params, spec, self.precision, place, keep)
             for name, place in (("host", "host"), (ENCODER_GRAPH, "encoder"), (DECODER_GRAPH, "decoder"))
         }
         self.decoder = self.decoder.with_weights(arrays)
@@ -254,6 +255,27 @@ def _read_config(root: Path) -> dict:
         raise ExportError(f"{path} is not a model config ({exc!r}): re-export the model") from None
 
 
+# which providers run which precision: bf16 has no CPU kernels; int8's DynamicQuantizeMatMul has no CUDA ones
+_PRECISION_PROVIDERS = {
+    "bf16": ("CUDAExecutionProvider", "TensorrtExecutionProvider"),
+    "int8": ("CPUExecutionProvider",),
+}
+
+
+def _check_precision_runs(precision: str, providers, cuda) -> None:
+    """Refuse, before any session starts, a precision the chosen provider cannot run."""
+    if precision not in _PRECISION_PROVIDERS:
+        return
+    cuda = cuda or CudaOptions()
+    first = resolve_providers(providers, device_id=cuda.device_id, probe=cuda.probe)[0]
+    if first not in _PRECISION_PROVIDERS[precision]:
+        fix = "export fp32 or int8 for the CPU" if precision == "bf16" else "export fp32, fp16 or bf16 for the GPU"
+        raise InputError(
+            f"this export's precision is {precision}, which {first} cannot run (it needs "
+            f"{' or '.join(_PRECISION_PROVIDERS[precision])}): pass other providers, or {fix}"
+        )
+
+
 def _export_version(manifest: dict, files) -> str:
     """The version of an export's weights: a hash of the hashes of the files the layout reads."""
     import hashlib
@@ -297,5 +319,9 @@ def load(
         known = ", ".join(repr(name) for name in available)
         raise ExportError(f"{root} has no {layout!r} decoder layout (it has {known}): pass one of those, or re-export")
     check_files(root, manifest, needed, verify_hashes=verify)
+    precision = manifest.get("precision", "fp32")
+    if precision == "int8" and providers == "auto":
+        providers = "cpu"  # int8 exports are made for the CPU provider
+    _check_precision_runs(precision, providers, cuda)
     opened = open_decoder(root, layout, providers=providers, threads=threads, cuda=cuda, tensorrt=tensorrt)
     return OnnxPolicy(root, manifest, opened)
