@@ -120,20 +120,7 @@ def precision_gap(model, root: Path, precision: str, ids, mask, uniforms, refere
             f"the {precision} graphs give NaN or inf logits or values on the probe: reduced precision overflows "
             "for this model; export bf16 (fp32's range) or fp32 instead"
         )
-    with torch.no_grad():
-        ref = model(
-            input_ids=torch.from_numpy(ids),
-            attention_mask=torch.from_numpy(mask),
-            decoder_input_ids=model._shift_right(torch.from_numpy(tokens)),
-        )
-    ref_logits = ref.logits.float().numpy().reshape(rows * length, -1)
-    ref_values = ref.value.float().numpy().reshape(-1)
-    ref_logp = _log_softmax(ref_logits)
-    logp = _log_softmax(logits)
-    kl = (np.exp(ref_logp) * (ref_logp - logp)).sum(axis=-1)
-    flat = tokens.reshape(-1)
-    delta = ref_logp[np.arange(flat.size), flat] - logp[np.arange(flat.size), flat]
-    ratio = np.exp(delta)
+    ref_logits, ref_values = teacher_forced(model, ids, mask, tokens)
     ours = respond(
         decoder,
         ids,
@@ -146,17 +133,10 @@ def precision_gap(model, root: Path, precision: str, ids, mask, uniforms, refere
         "measured": True,
         "measured_on": "CPU" + (_FP16_ON_CPU if precision == "fp16" else ""),
         "probe": {"rows": int(rows), "tokens_per_row": int(length), "sampled_from": "fp32 PyTorch model"},
-        "kl_mean": float(kl.mean()),
-        "kl_max": float(kl.max()),
+        **gap_stats(ref_logits, logits, tokens),
         "token_agreement": float((ours.tokens == tokens).mean()),
         "first_token_agreement": float((ours.tokens[:, 0] == tokens[:, 0]).mean()),
-        "max_abs_logprob_diff": float(np.abs(delta).max()),
         "max_abs_value_diff": float(np.abs(values - ref_values).max()),
-        "ratio_mean": float(ratio.mean()),
-        "ratio_min": float(ratio.min()),
-        "ratio_max": float(ratio.max()),
-        "ratio_outside_band": float(((ratio < RATIO_BAND[0]) | (ratio > RATIO_BAND[1])).mean()),
-        "ratio_band": list(RATIO_BAND),
     }
 
 
@@ -183,3 +163,36 @@ def format_gap(report: dict, keep: Optional[tuple] = None) -> str:
         f"{report['ratio_outside_band']:.2%}",
     ]
     return "\n".join(lines)
+
+
+def teacher_forced(model, ids, mask, tokens):
+    """The fp32 PyTorch model's logits ((rows x T) x V) and values (rows x T) on ``tokens``."""
+    with torch.no_grad():
+        ref = model(
+            input_ids=torch.from_numpy(ids),
+            attention_mask=torch.from_numpy(mask),
+            decoder_input_ids=model._shift_right(torch.from_numpy(tokens)),
+        )
+    return ref.logits.float().numpy().reshape(tokens.size, -1), ref.value.float().numpy().reshape(-1)
+
+
+def gap_stats(ref_logits: np.ndarray, logits: np.ndarray, tokens: np.ndarray) -> dict:
+    """KL(p_ref || p) per position, and |delta log-prob| and the ratios p_ref / p of the sampled ``tokens``.
+
+    ``ref_logits``, ``logits``: (rows x T) x V; ``tokens``: rows x T.
+    """
+    ref_logp, logp = _log_softmax(ref_logits), _log_softmax(logits)
+    kl = (np.exp(ref_logp) * (ref_logp - logp)).sum(axis=-1)
+    flat = tokens.reshape(-1)
+    delta = ref_logp[np.arange(flat.size), flat] - logp[np.arange(flat.size), flat]
+    ratio = np.exp(delta)
+    return {
+        "kl_mean": float(kl.mean()),
+        "kl_max": float(kl.max()),
+        "max_abs_logprob_diff": float(np.abs(delta).max()),
+        "ratio_mean": float(ratio.mean()),
+        "ratio_min": float(ratio.min()),
+        "ratio_max": float(ratio.max()),
+        "ratio_outside_band": float(((ratio < RATIO_BAND[0]) | (ratio > RATIO_BAND[1])).mean()),
+        "ratio_band": list(RATIO_BAND),
+    }
