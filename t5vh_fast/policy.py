@@ -25,7 +25,7 @@ from .results import Rollout, Scores
 from .rollout import respond
 from .scoring import score as _score
 from .tensorrt import TensorrtOptions
-from .weights import ModelSpec, checkpoint_params, place_arrays, plan_record, weights_digest
+from .weights import ModelSpec, checkpoint_params, place_arrays, plan_record, transformed, weights_digest
 
 
 class OnnxPolicy:
@@ -186,7 +186,8 @@ class OnnxPolicy:
         nothing. The new weights are transformed exactly as the exporter did
         (transposes, the tied LM head's scale, the folded value head, int8
         quantization) and loaded into new sessions; afterwards every number
-        equals that of a fresh export of the same weights. Calls already running
+        equals that of a fresh export of the same weights. Every decoder layout
+        of a format-2 export can be refreshed. Calls already running
         finish on the old weights. ``version``: a name for the new weights
         (default: a hash of them).
         """
@@ -194,21 +195,26 @@ class OnnxPolicy:
         recorded = self.manifest.get("weights", {}).get(layout)
         if recorded is None:
             raise ExportError(
-                f"{self.root} holds no weight map for decoder={layout!r} (it was exported by an older t5vh_fast, or "
-                "that layout cannot be refreshed): re-export it with this version's `t5vh-export` and load it with "
-                "decoder='single'"
+                f"{self.root} holds no weight map for decoder={layout!r} (it was exported by an older t5vh_fast): "
+                "re-export it with this version's `t5vh-export`"
             )
         spec = ModelSpec.from_config(self.config)
         keep = tuple(self.manifest.get("kept_fp32", ()))
-        if plan_record(spec, self.precision, keep) != recorded:
+        if layout == "single" and plan_record(spec, self.precision, keep) != recorded:
             raise ExportError(
                 f"{self.root} was exported with another weight layout than this t5vh_fast computes: re-export it"
             )
         params = checkpoint_params(weights, spec)
-        arrays = {
-            name: place_arrays(params, spec, self.precision, place, keep)
-            for name, place in (("host", "host"), (ENCODER_GRAPH, "encoder"), (DECODER_GRAPH, "decoder"))
-        }
+        if layout == "single":
+            arrays = {
+                name: place_arrays(params, spec, self.precision, place, keep)
+                for name, place in (("host", "host"), (ENCODER_GRAPH, "encoder"), (DECODER_GRAPH, "decoder"))
+            }
+        else:  # Optimum's graphs: the map the exporter found for each initializer
+            arrays = {
+                graph: {name: transformed(m["transform"], params[m["source"]], spec) for name, m in mapping.items()}
+                for graph, mapping in recorded.items()
+            }
         self.decoder = self.decoder.with_weights(arrays)
         self.weights_version = version if version is not None else weights_digest(params)
         return self.weights_version
@@ -313,8 +319,11 @@ def load(
     root = Path(export_dir).expanduser()
     manifest = read_manifest(root)
     layout = decoder if decoder is not None else default_layout(manifest)
-    needed = graph_files(layout)
     available = layouts(manifest)
+    graphs = graph_files(layout)  # the files this layout reads: listed and hashed, external weights included
+    needed = sorted(
+        {*graphs, *(f"{g}.data" for g in graphs if (root / f"{g}.data").exists()), *available.get(layout, ())}
+    )
     if layout not in available:
         known = ", ".join(repr(name) for name in available)
         raise ExportError(f"{root} has no {layout!r} decoder layout (it has {known}): pass one of those, or re-export")

@@ -205,23 +205,16 @@ def expected_shapes(spec: ModelSpec) -> Dict[str, Tuple[int, ...]]:
 
 def compute(tensor: Tensor, params: Mapping[str, np.ndarray], spec: ModelSpec) -> Dict[str, np.ndarray]:
     """The array(s) of ``tensor`` from checked float32 ``params``: ``{name: array}`` (plus ``name.scale`` for int8)."""
-    w = params[tensor.sources[0]]
-    if tensor.transform == "copy":
-        out = w
-    elif tensor.transform == "transpose":
-        out = w.T
-    elif tensor.transform == "lm_head":
-        out = _lm_head(params, spec)
-    elif tensor.transform == "value_weight":
+    if tensor.transform == "value_weight":
         if spec.head_layout == "logits":  # value = logits . v + b = h . (W_lm v) + b: one vector on the hidden state
-            lm = _lm_head(params, spec)
+            lm = transformed("lm_head", params[tensor.sources[0]], spec)
             out = (lm.astype(np.float64) @ params[tensor.sources[-1]][0].astype(np.float64))[:, None]
         else:
-            out = w.T
+            out = params[tensor.sources[0]].T
     elif tensor.transform == "value_bias":
-        out = w.reshape(1)
+        out = params[tensor.sources[0]].reshape(1)
     else:
-        raise ValueError(f"unknown transform {tensor.transform!r}")  # a bug in the plan, not user input
+        out = transformed(tensor.transform, params[tensor.sources[0]], spec)
     out = np.ascontiguousarray(out, dtype=np.float32)
     if tensor.dtype == "int8":
         quantized, scale = quantize_int8(out)
@@ -236,11 +229,6 @@ def compute(tensor: Tensor, params: Mapping[str, np.ndarray], spec: ModelSpec) -
     if tensor.dtype == "bf16":
         return {tensor.name: to_bfloat16(out)}
     return {tensor.name: out}
-
-
-def _lm_head(params: Mapping[str, np.ndarray], spec: ModelSpec) -> np.ndarray:
-    source = params["shared.weight"] if spec.tied else params["lm_head.weight"]
-    return source.T * np.float32(spec.d_model**-0.5) if spec.tied else source.T
 
 
 def int8_block(k: int) -> int:
@@ -393,3 +381,16 @@ def to_bfloat16(w: np.ndarray) -> np.ndarray:
 def from_bfloat16(bits: np.ndarray) -> np.ndarray:
     """bfloat16 bit patterns (uint16) -> float32."""
     return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+def transformed(transform: str, w: np.ndarray, spec: ModelSpec) -> np.ndarray:
+    """One parameter as a graph stores it: ``copy``, ``transpose`` (MatMul wants in x out), or ``lm_head``
+    (transposed, and for a tied model scaled by ``d_model ** -0.5`` as T5 scales the decoder output)."""
+    if transform == "copy":
+        return np.ascontiguousarray(w, dtype=np.float32)
+    if transform == "transpose":
+        return np.ascontiguousarray(w.T, dtype=np.float32)
+    if transform == "lm_head":
+        scaled = w.T * np.float32(spec.d_model**-0.5) if spec.tied else w.T
+        return np.ascontiguousarray(scaled, dtype=np.float32)
+    raise ValueError(f"unknown transform {transform!r}")  # a bug in the plan or the manifest, not user input

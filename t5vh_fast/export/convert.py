@@ -26,6 +26,7 @@ from ..weights import PRECISIONS, ModelSpec, plan_record
 from .check import TOLERANCE, check_export, format_report
 from .graph import OPSET
 from .optimize import fold_lm_head_scale
+from .optimum_map import fingerprinted, map_and_fill
 from .single import write_single_layout
 
 TOKENIZER_FILES = (
@@ -134,9 +135,9 @@ def _export_to(out: Path, model, model_dir, *, optimum: bool, merged: bool, opse
     """Build the fp32 export in a temporary directory beside ``out``, check it, and move it into place."""
     tmp = _partial_dir(out)
     try:
-        layouts, used_opset = {}, OPSET
+        layouts, weight_maps, used_opset = {}, {}, OPSET
         if optimum:
-            layouts, used_opset = _export_graphs(model, tmp, merged=merged, opset=opset, log=log)
+            layouts, weight_maps, used_opset = _export_graphs(model, tmp, merged=merged, opset=opset, log=log)
         log("writing the single layout (t5vh_encoder.onnx, t5vh_decoder.onnx) ...")
         layouts = {"single": write_single_layout(model, tmp), **layouts}
         _save_side_files(model, Path(model_dir).expanduser(), tmp)
@@ -149,6 +150,7 @@ def _export_to(out: Path, model, model_dir, *, optimum: bool, merged: bool, opse
                 f"export does not match PyTorch within {TOLERANCE} for {failed}:\n{format_report(report)}"
             )
         manifest = _manifest(model, model_dir, tmp, layouts, used_opset, precision="fp32")
+        manifest["weights"].update(weight_maps)
         manifest["parity"] = {"tolerance": TOLERANCE, "graphs": report}
         write_json_atomic(tmp / MANIFEST_NAME, manifest)
         replace_dir(tmp, out)
@@ -220,23 +222,25 @@ def check_finite_weights(model) -> None:
 
 
 def _export_graphs(model, tmp: Path, *, merged: bool, opset: Optional[int], log):
-    """Write Optimum's encoder and decoder graphs (and the merged decoder); returns ``({layout: files}, opset)``."""
+    """Write Optimum's encoder and decoder graphs (and the merged decoder), traced from a fingerprinted twin
+    and filled with the model's weights; returns ``({layout: files}, {layout: {graph: weight map}}, opset)``."""
     from optimum.exporters.onnx.convert import export_models
     from optimum.exporters.utils import get_encoder_decoder_models_for_export
 
     from .onnx_config import TASK, T5ValueHeadOnnxConfig
 
-    onnx_config = T5ValueHeadOnnxConfig(model.config, task=TASK, use_past=True)
+    twin = fingerprinted(model)  # traced instead of the model: see optimum_map
+    onnx_config = T5ValueHeadOnnxConfig(twin.config, task=TASK, use_past=True)
     opset = opset or onnx_config.DEFAULT_ONNX_OPSET
     # Optimum's patcher sets config.use_cache on every submodule and leaves it set: put it back after.
     saved = {
         id(m.config): (m.config, m.config.use_cache)
-        for m in model.modules()
+        for m in twin.modules()
         if hasattr(getattr(m, "config", None), "use_cache")
     }
     files = {}
     try:
-        for name, model_and_config in get_encoder_decoder_models_for_export(model, onnx_config).items():
+        for name, model_and_config in get_encoder_decoder_models_for_export(twin, onnx_config).items():
             start = time.perf_counter()
             log(f"exporting {name}.onnx ...")
             with warnings.catch_warnings():
@@ -261,10 +265,17 @@ def _export_graphs(model, tmp: Path, *, merged: bool, opset: Optional[int], log)
         merge_decoders(tmp / DECODER, tmp / DECODER_WITH_PAST, save_path=tmp / DECODER_MERGED, strict=False)
         log(f"  {DECODER_MERGED} done in {time.perf_counter() - start:.1f} s")
         files[DECODER_MERGED] = True
-    layouts = {"split": [ENCODER, DECODER, DECODER_WITH_PAST]}
+    spec = ModelSpec.from_config(model.config.to_dict())
+    maps = {}
+    for name in files:
+        log(f"  {name}: the model's weights into the traced graph, as external data ...")
+        maps[name] = map_and_fill(tmp / name, twin, model, spec)
+    graphs = {"split": [ENCODER, DECODER, DECODER_WITH_PAST]}
     if merged:
-        layouts["merged"] = [ENCODER, DECODER_MERGED]
-    return layouts, opset
+        graphs["merged"] = [ENCODER, DECODER_MERGED]
+    layouts = {layout: [f for g in names for f in (g, f"{g}.data")] for layout, names in graphs.items()}
+    weight_maps = {layout: {g: maps[g] for g in names} for layout, names in graphs.items()}
+    return layouts, weight_maps, opset
 
 
 def _save_side_files(model, model_dir: Path, tmp: Path) -> None:
