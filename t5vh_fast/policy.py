@@ -44,7 +44,7 @@ class OnnxPolicy:
         # the precision of every number this policy computes ("fp32", "int8", ...)
         self.precision = manifest.get("precision", "fp32")
         # which weights are running: the exported ones until update_weights replaces them
-        self.weights_version = _export_version(manifest, graph_files(decoder.layout))
+        self.weights_version = _export_version(manifest, layout_files(root, manifest, decoder.layout))
         self._tokenizer = None
 
     @property
@@ -282,6 +282,14 @@ def _check_precision_runs(precision: str, providers, cuda) -> None:
         )
 
 
+def layout_files(root: Path, manifest: dict, layout: str) -> List[str]:
+    """The files a decoder layout of the export at ``root`` reads: its graphs, their external weights
+    (``<graph>.data``, where there are any) and host tables, and whatever the manifest lists for it."""
+    graphs = graph_files(layout)
+    on_disk = (f"{g}.data" for g in graphs if (root / f"{g}.data").exists())
+    return sorted({*graphs, *on_disk, *layouts(manifest).get(layout, ())})
+
+
 def _export_version(manifest: dict, files) -> str:
     """The version of an export's weights: a hash of the hashes of the files the layout reads."""
     import hashlib
@@ -320,10 +328,7 @@ def load(
     manifest = read_manifest(root)
     layout = decoder if decoder is not None else default_layout(manifest)
     available = layouts(manifest)
-    graphs = graph_files(layout)  # the files this layout reads: listed and hashed, external weights included
-    needed = sorted(
-        {*graphs, *(f"{g}.data" for g in graphs if (root / f"{g}.data").exists()), *available.get(layout, ())}
-    )
+    needed = layout_files(root, manifest, layout)
     if layout not in available:
         known = ", ".join(repr(name) for name in available)
         raise ExportError(f"{root} has no {layout!r} decoder layout (it has {known}): pass one of those, or re-export")

@@ -16,9 +16,9 @@ from scipy import stats
 import t5vh_fast
 from t5vh_fast import rollout as rollout_module
 from t5vh_fast import sampling
-from t5vh_fast.decoder import graph_files
 from t5vh_fast.errors import ExportError
 from t5vh_fast.manifest import FORMAT_VERSION, MANIFEST_NAME
+from t5vh_fast.policy import layout_files
 from t5vh_fast.reference import filter_logits as torch_filter
 
 from .conftest import assert_pad_invariant, assert_same_samples, mixed_queries, tol
@@ -375,8 +375,20 @@ LAYOUT_FILES = {
         "t5vh_embedding.npy",
         "t5vh_tables.npz",
     ],
-    "split": ["encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx"],
-    "merged": ["encoder_model.onnx", "decoder_model_merged.onnx"],
+    "split": [
+        "encoder_model.onnx",
+        "encoder_model.onnx.data",
+        "decoder_model.onnx",
+        "decoder_model.onnx.data",
+        "decoder_with_past_model.onnx",
+        "decoder_with_past_model.onnx.data",
+    ],
+    "merged": [
+        "encoder_model.onnx",
+        "encoder_model.onnx.data",
+        "decoder_model_merged.onnx",
+        "decoder_model_merged.onnx.data",
+    ],
 }
 SIDE_FILES = {
     MANIFEST_NAME,
@@ -401,8 +413,20 @@ def test_the_manifest_lists_every_file_the_export_holds(request, which):
     expected = {k: v for k, v in LAYOUT_FILES.items() if which == "tiny_export" or k != "merged"}
     assert {k: sorted(v) for k, v in manifest["layouts"].items()} == {k: sorted(v) for k, v in expected.items()}
     assert set().union(*manifest["layouts"].values()) == held
-    for layout, files in LAYOUT_FILES.items():
-        assert sorted(graph_files(layout)) == sorted(files)  # what load() checks is what the layout reads
+    for layout, files in expected.items():
+        assert layout_files(export_dir, manifest, layout) == sorted(files)  # what load() checks: what it reads
+
+
+def test_weights_version_names_the_weights(tiny_export, perturbed_export):
+    """Two exports of different weights never share a weights_version, on any layout (Optimum's graphs hold
+    their weights in .data files: the graphs alone are the same bytes for both)."""
+    for layout in ("single", "split"):
+        policy = t5vh_fast.load(tiny_export, providers="cpu", decoder=layout)
+        again = t5vh_fast.load(tiny_export, providers="cpu", decoder=layout)
+        other = t5vh_fast.load(perturbed_export, providers="cpu", decoder=layout)
+        assert policy.weights_version == again.weights_version != other.weights_version, layout
+        assert policy.respond_to_batch([[5, 6, 1]], txt_len=2, seed=0).weights_version == policy.weights_version
+        assert policy.score([[5, 6, 1]], [[7, 8]]).weights_version == policy.weights_version
 
 
 @pytest.fixture(scope="module")
