@@ -34,6 +34,29 @@ def test_draw_at_block_edges():
         assert sampling.draw(logits, u)[0] == _full_cdf_draw(logits, u)[0]
 
 
+def test_draw_when_u_lands_exactly_on_a_cumulative_sum():
+    """The first index whose cumulative mass *exceeds* u * total: where u * total equals the mass of the
+    first j tokens exactly (uniform weights), the token is j, inside a block or at its edge."""
+    vocab = 3 * sampling.BLOCK
+    logits = np.zeros((1, vocab), dtype=np.float32)
+    for j in (1, 100, 255, 256, 257, 511, 700):
+        u = np.array([j / vocab])
+        assert u[0] * vocab == j  # the tie is exact in float64
+        assert sampling.draw(logits, u)[0] == j == _full_cdf_draw(logits, u)[0]
+
+
+def test_filtering_and_drawing_do_not_overflow_on_large_logits():
+    """Only differences of logits matter: +80 (exp(80) is past float32's range) changes nothing."""
+    rng = np.random.default_rng(3)
+    logits = (rng.standard_normal((64, 300)) * 3).astype(np.float32)
+    u = rng.random(64)
+    for top_k, top_p in ((0, 0.9), (20, 0.7)):
+        kept = np.isfinite(sampling.filter_logits(logits, top_k=top_k, top_p=top_p))
+        np.testing.assert_array_equal(np.isfinite(sampling.filter_logits(logits + 80, top_k=top_k, top_p=top_p)), kept)
+    np.testing.assert_array_equal(sampling.draw(logits + 80, u), sampling.draw(logits, u))
+    np.testing.assert_allclose(sampling.logsumexp(logits + 80), sampling.logsumexp(logits) + 80, rtol=1e-6)
+
+
 def _rounding_block(vocab: int) -> np.ndarray:
     """A row whose first block is token 0 (weight 1) and 255 tokens of weight ~2**-55: the float64 block
     total (a pairwise sum) counts them, the in-order running sum loses each one. The rest has no mass."""
