@@ -33,6 +33,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -373,19 +374,36 @@ def run_subset(workdir: Path, module: str, fixtures: Path, timeout: float) -> tu
     }
     command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "not slow and not gpu"]
     start = time.monotonic()
+    # a session of its own, so that a timeout also ends what the tests started (a job a mutant sent looping)
+    process = subprocess.Popen(
+        [*command, *SUBSETS[module]],
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
-        result = subprocess.run(
-            [*command, *SUBSETS[module]], cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout
-        )
+        stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        return "timeout", time.monotonic() - start, f"over {timeout:.0f} s"
-    lines = [line for line in result.stdout.splitlines() if line.strip()]
-    last = lines[-1] if lines else result.stderr.strip()[-300:]
-    if result.returncode == 0:
-        return "passed", time.monotonic() - start, last
-    if result.returncode in (1,):
-        return "failed", time.monotonic() - start, last
-    return "error", time.monotonic() - start, last  # collection or usage error: the mutant broke import
+        stdout, stderr = None, None
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # pytest and anything it left running
+        except ProcessLookupError:
+            pass
+        process.communicate()
+    seconds = time.monotonic() - start
+    if stdout is None:
+        return "timeout", seconds, f"over {timeout:.0f} s"
+    lines = [line for line in stdout.splitlines() if line.strip()]
+    last = lines[-1] if lines else stderr.strip()[-300:]
+    if process.returncode == 0:
+        return "passed", seconds, last
+    if process.returncode == 1:
+        return "failed", seconds, last
+    return "error", seconds, last  # a collection error, or the mutant broke an import: killed too
 
 
 def main(argv=None) -> int:
@@ -398,11 +416,12 @@ def main(argv=None) -> int:
     parser.add_argument("--list", action="store_true", help="List the mutants and exit.")
     parser.add_argument("--baseline", action="store_true", help="Only run the subsets on the unmutated code.")
     parser.add_argument("--show", action="store_true", help="Print each mutant's changed line.")
-    parser.add_argument("--timeout", type=float, default=300.0, help="Seconds per test run [300].")
+    parser.add_argument("--timeout", type=float, default=120.0, help="Seconds per test run (a timeout kills) [120].")
     parser.add_argument("--fixtures", type=Path, default=None, help="Fixture cache [a temporary directory].")
     parser.add_argument("--report", type=Path, default=None, help="Write a Markdown report here.")
     parser.add_argument("--json", type=Path, default=None, help="Write every result as JSON here.")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a terminated check still removes its copies
 
     modules = args.module or list(SUBSETS)
     chosen = []
