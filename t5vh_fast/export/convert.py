@@ -22,7 +22,7 @@ from ..checkpoint import load_reference
 from ..errors import NonFiniteError, OutputError, ParityError, PathExists, PathNotFound
 from ..manifest import DECODER, DECODER_MERGED, DECODER_WITH_PAST, ENCODER, FORMAT_VERSION, MANIFEST_NAME
 from ..tensorrt import graph_input_dims
-from ..weights import ModelSpec, plan_record
+from ..weights import ModelSpec, checkpoint_params, plan_record, weights_digest
 from .check import TOLERANCE, check_export, format_report
 from .graph import OPSET
 from .optimize import fold_lm_head_scale
@@ -134,6 +134,7 @@ def _export_to(out: Path, model, model_dir, *, optimum: bool, merged: bool, opse
                 f"export does not match PyTorch within {TOLERANCE} for {failed}:\n{format_report(report)}"
             )
         files = sorted({name for names in layouts.values() for name in names})
+        spec = ModelSpec.from_config(model.config.to_dict())
         manifest = {
             "format_version": FORMAT_VERSION,
             "precision": "fp32",
@@ -143,7 +144,9 @@ def _export_to(out: Path, model, model_dir, *, optimum: bool, merged: bool, opse
             "opset": used_opset,
             "layouts": layouts,
             "files": {name: sha256_file(tmp / name) for name in files},
-            "weights": {"single": plan_record(ModelSpec.from_config(model.config.to_dict()), "fp32")},
+            "weights": {"single": plan_record(spec, "fp32")},
+            # what OnnxPolicy.weights_version reports for these weights, fresh or after update_weights
+            "weights_version": weights_digest(checkpoint_params(model.state_dict(), spec)),
             "graphs": {name: {"inputs": graph_input_dims(tmp / name)} for name in files if name.endswith(".onnx")},
             "parity": {"tolerance": TOLERANCE, "graphs": report},
             "versions": library_versions(),
