@@ -152,9 +152,9 @@ def score_rows(
 ) -> Iterator[dict]:
     """Score an iterable of rows (dicts or JSON strings) lazily; yields one dict per row.
 
-    Good rows give ``id, response_ids, logprobs, values, entropy`` (plus
-    ``ref_logprobs, kl`` with ``ref_policy`` and ``reward`` when the row has a
-    ``score``); bad rows give ``line, id, error``, and so does a row whose id an
+    Good rows give ``id, response_ids, logprobs, values, entropy,
+    weights_version, precision`` (plus ``ref_logprobs, kl, ref_weights_version``
+    with ``ref_policy`` and ``reward`` when the row has a ``score``); bad rows give ``line, id, error``, and so does a row whose id an
     earlier row had. Rows are read ``batch_size * sort_window`` at a time and
     batched by length to cut padding, so output order is not input order:
     match on ``id``. Options are checked here, when called, not when the
@@ -200,11 +200,15 @@ def _score_batch(policy, batch: list, ref_policy, beta: float, max_query_tokens:
             "logprobs": scores.logprobs[i, :n].tolist(),
             "values": scores.values[i, :n].tolist(),
             "entropy": scores.entropy[i, :n].tolist(),
+            # which weights, at which precision, computed this row (a PPO trainer refuses stale ones)
+            "weights_version": scores.weights_version,
+            "precision": scores.precision,
         }
         if ref is not None:
             kl = scores.logprobs[i, :n] - ref.logprobs[i, :n]
             record["ref_logprobs"] = ref.logprobs[i, :n].tolist()
             record["kl"] = kl.tolist()
+            record["ref_weights_version"] = ref.weights_version
             if row.score is not None:
                 record["reward"] = float(reward(row.score, kl, beta=beta))
         out.append(record)
@@ -253,11 +257,15 @@ def job_file(output: Path) -> Path:
 
 def job_fingerprint(policy, ref_policy=None, **options) -> dict:
     """What decides the numbers in an output: the sha256 of each export's manifest (which covers its
-    graphs, precision and versions) and the options that change numbers or which rows are scored.
-    New entries (a weights version, ...) are new keys: an older job file lacking one never matches."""
+    graphs, precision and versions), the weights each policy runs now (``weights_version``: they
+    differ from the export's after ``update_weights``), the precision, and the options that change
+    numbers or which rows are scored. New entries are new keys: an older job file lacking one never matches."""
     return {
         "policy_manifest_sha256": sha256_file(Path(policy.root) / MANIFEST_NAME),
         "ref_manifest_sha256": None if ref_policy is None else sha256_file(Path(ref_policy.root) / MANIFEST_NAME),
+        "policy_weights_version": policy.weights_version,
+        "ref_weights_version": None if ref_policy is None else ref_policy.weights_version,
+        "precision": policy.precision,
         **options,
     }
 
