@@ -45,24 +45,46 @@ def _echo_err(message: str) -> None:
 
 @click.command(name="t5vh-export")
 @click.argument("model_dir", type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="Export directory [default: MODEL_DIR-onnx].")
+@click.option(
+    "-o", "--output", type=click.Path(path_type=Path), help="Export directory [default: MODEL_DIR-onnx[-PRECISION]]."
+)
 @click.option("--force", is_flag=True, help="Replace an existing export directory.")
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "int8", "fp16", "bf16"]),
+    default="fp32",
+    show_default=True,
+    help="fp32: the reference. int8: for the CPU. fp16/bf16: for CUDA/TensorRT. Reduced precisions are "
+    "measured against fp32 (the precision-gap report).",
+)
+@click.option(
+    "--max-kl",
+    type=float,
+    default=None,
+    help="Refuse a reduced-precision export whose mean per-token KL to fp32 is larger than this.",
+)
+@click.option(
+    "--optimum/--no-optimum", default=True, show_default=True, help="Also write Optimum's layout (fp32 only)."
+)
 @click.option("--merged/--no-merged", default=True, show_default=True, help="Also write decoder_model_merged.onnx.")
-@click.option("--opset", type=int, default=None, help="ONNX opset [default: Optimum's for T5].")
+@click.option("--opset", type=int, default=None, help="ONNX opset of Optimum's graphs [default: Optimum's for T5].")
 @click.option("--allow-pickle", is_flag=True, help="Read a .bin (pickle) checkpoint. Only for files you trust.")
 @click.option("--strict", is_flag=True, help="Fail instead of warning when the value-head weights are missing.")
 @user_errors
-def export_command(model_dir, output, force, merged, opset, allow_pickle, strict):
+def export_command(model_dir, output, force, precision, max_kl, optimum, merged, opset, allow_pickle, strict):
     """Export a T5 value-head model to ONNX, checked against PyTorch.
 
-    Writes encoder and decoder graphs (the decoders also output `value`),
-    config and tokenizer files, and t5vh_manifest.json with hashes and the
-    parity report. Nothing is left behind if anything fails.
+    Writes t5vh's own graphs (the runtime's default), Optimum's encoder and
+    decoder graphs (the decoders also output `value`), config and tokenizer
+    files, and t5vh_manifest.json with hashes and the parity report. A reduced
+    precision writes t5vh's graphs only, with a precision-gap report instead
+    of the parity check. Nothing is left behind if anything fails.
 
     \b
     Example:
         t5vh-demo write demo-model
         t5vh-export demo-model            # writes demo-model-onnx/
+        t5vh-export demo-model --precision int8 --max-kl 0.01   # writes demo-model-onnx-int8/
         t5vh-export demo-model -o out --force --no-merged
     """
     from .export import export
@@ -72,6 +94,9 @@ def export_command(model_dir, output, force, merged, opset, allow_pickle, strict
         model_dir,
         output,
         force=force,
+        precision=precision,
+        max_kl=max_kl,
+        optimum=optimum,
         merged=merged,
         opset=opset,
         allow_pickle=allow_pickle,
@@ -336,9 +361,17 @@ def _int_list(ctx, param, value):
     show_default=True,
     help="Demo model size (small = t5-small shape).",
 )
+@click.option(
+    "--workload",
+    type=click.Choice(["sample", "score"]),
+    default="sample",
+    show_default=True,
+    help="sample: rollouts at each batch size. score: teacher-forced scoring of the same query/response rows.",
+)
 @click.option("--systems", default=None, help="Comma-separated subset [default: every system installed here].")
 @click.option("--batch-sizes", default="1,16,64", show_default=True, callback=_int_list)
 @click.option("--new-tokens", type=int, default=128, show_default=True)
+@click.option("--rows", type=int, default=320, show_default=True, help="Rows of the scoring workload.")
 @click.option("--threads", type=int, default=None, help="Threads for every system [default: all cores].")
 @click.option(
     "--cap",
@@ -347,56 +380,68 @@ def _int_list(ctx, param, value):
     show_default=True,
     help="Seconds one run may take before it is reported as too slow.",
 )
-@click.option("--quick", is_flag=True, help="Batch sizes 1,4 and 16 new tokens: a run of a minute or two.")
+@click.option("--quick", is_flag=True, help="Batch sizes 1,4, 16 new tokens, 64 scoring rows: a minute or two.")
 @click.option(
-    "--cache-dir", type=click.Path(path_type=Path), default=None, help="[default: $T5VH_CACHE or ~/.cache/t5vh_fast]"
+    "--cache-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="[default: $T5VH_CACHE or ~/.cache/t5vh_fast]",
 )
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write every number here.")
-@click.option(
-    "--plot", "plot_path", type=click.Path(path_type=Path), default=None, help="Write a PNG: tokens/s vs batch size."
-)
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None, help="Write a PNG of the results.")
 @user_errors
-def bench_command(size, systems, batch_sizes, new_tokens, threads, cap, quick, cache_dir, json_path, plot_path):
-    """Compare the t5vh sampler with PyTorch, transformers generate, Optimum and CTranslate2.
+def bench_command(
+    size, workload, systems, batch_sizes, new_tokens, rows, threads, cap, quick, cache_dir, json_path, plot_path
+):
+    """Compare t5vh with PyTorch, transformers generate, Optimum and CTranslate2, side by side.
 
     Runs on the built-in demo model (exported into the cache on first use),
-    each system and batch size in its own process, and prints a Markdown table.
+    each system and batch size in its own process, and prints a Markdown table
+    (with each system's precision, and for int8 its distribution cost against
+    the fp32 model).
 
     \b
     Example:
         t5vh-bench --quick --size tiny --json bench.json --plot bench.png
-        t5vh-bench --systems t5vh,optimum,ct2 --batch-sizes 1,16 --new-tokens 64
+        t5vh-bench --systems t5vh,t5vh-int8,ct2,ct2-int8 --batch-sizes 1,16 --new-tokens 64
+        t5vh-bench --workload score --systems t5vh,ct2,torch
     """
     from ._files import write_json_atomic
-    from .bench import SYSTEMS, available_systems, markdown, plot, run_benchmark
+    from .bench import SYSTEMS, available_systems, markdown, plot, run_benchmark, why_unavailable
     from .demo import default_cache_dir, demo_export
 
     if quick:
-        batch_sizes, new_tokens = [1, 4], 16
+        batch_sizes, new_tokens, rows = [1, 4], 16, 64
     if new_tokens < 2:
         raise click.BadParameter("must be at least 2", param_hint="--new-tokens")
-    installed = available_systems()
+    if rows < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--rows")
+    installed = available_systems(workload)
     chosen = installed if systems is None else [s.strip() for s in systems.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in SYSTEMS]
     if unknown:
         raise click.BadParameter(f"unknown {unknown}; choose from {', '.join(SYSTEMS)}", param_hint="--systems")
     missing = [s for s in chosen if s not in installed]
     if missing:
-        raise click.BadParameter(
-            f"{missing} cannot run here (no GPU, or `pip install t5vh_fast[bench]` for CTranslate2)",
-            param_hint="--systems",
-        )
+        reasons = "; ".join(f"{s}: {why_unavailable(s, workload)}" for s in missing)
+        raise click.BadParameter(f"{missing} cannot run here ({reasons})", param_hint="--systems")
     threads = threads or os.cpu_count() or 1
     cache_dir = cache_dir or default_cache_dir()
-    export_dir = demo_export(size, cache_dir, log=_echo_err)
+    base = {
+        "model_dir": str(cache_dir / f"demo-{size}"),
+        "export_dir": str(demo_export(size, cache_dir, log=_echo_err)),
+        "cache_dir": str(cache_dir),
+        "threads": threads,
+    }
+    if "t5vh-int8" in chosen:
+        base["int8_dir"] = str(demo_export(size, cache_dir, precision="int8", log=_echo_err))
     report = run_benchmark(
-        model_dir=cache_dir / f"demo-{size}",
-        export_dir=export_dir,
-        cache_dir=cache_dir,
+        workload=workload,
+        base=base,
         systems=chosen,
         batch_sizes=batch_sizes,
         new_tokens=new_tokens,
-        threads=threads,
+        rows=rows,
         cap=cap,
         progress=_stderr_is_terminal(),
     )

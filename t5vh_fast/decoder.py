@@ -55,6 +55,8 @@ class DecoderState:
     length: int = 0
     # positions the cache can hold (the single layout preallocates it; 0 = grows as needed)
     capacity: int = 0
+    # the single layout's IO binding, made at the first step with what stays bound (cache, cross K/V)
+    binding: object = None
 
 
 class Graph:
@@ -278,13 +280,15 @@ class SingleDecoder(OnnxDecoder):
         self._cross = [f"cross_{kind}.{i}" for i in layers for kind in ("key", "value")]
         self._past = [f"past_{kind}.{i}" for i in layers for kind in ("key", "value")]
         self._present = [f"present_{kind}.{i}" for i in layers for kind in ("key", "value")]
-        self._encoder_bias = {}
+        # the KV cache is kept in the type each layer's self-attention computes in
+        self._cache_types = [_ELEMENT_TYPES[names[name].type] for name in self._past]
+        self._encoder_bias, self._decoder_bias, self._positions = {}, {}, {}
 
     def with_weights(self, arrays):
         """As ``OnnxDecoder.with_weights``; ``arrays["host"]`` replaces the NumPy tables."""
         new = super().with_weights(arrays)
         new.host = {**self.host, **arrays.get("host", {})}
-        new._encoder_bias = {}
+        new._encoder_bias, new._decoder_bias, new._positions = {}, {}, {}
         return new
 
     def encode(self, ids, mask, *, num_samples=1, capacity=0):
@@ -303,34 +307,44 @@ class SingleDecoder(OnnxDecoder):
         rows, steps = tokens.shape
         if state.length + steps > state.capacity:
             state = self._grown(state, state.length + steps)
+        binding = state.binding or self._binding(state)
         if select is None:
-            select = np.arange(rows * steps, dtype=np.int64)
-        feeds = {
-            "inputs_embeds": self.to_device(self.host["embedding"][tokens]),
-            "position_bias": self.to_device(self._decoder_position_bias(state.length, steps)),
-            "encoder_mask": state.encoder_mask,
-            "select": self.to_device(select),
-            "past_length": ort.OrtValue.ortvalue_from_numpy(np.array([state.length], dtype=np.int32)),
-        }
-        feeds.update(zip(self._cross, state.cross_kv))
-        feeds.update(zip(self._past, state.self_kv))
-        out = self.graphs[1].run(feeds, host=("logits", "value"), into=dict(zip(self._present, state.self_kv)))
-        new_state = DecoderState(
-            state.self_kv,  # written in place
-            state.cross_kv,
-            None,
-            state.encoder_mask,
-            state.rows,
-            state.length + steps,
-            state.capacity,
-        )
-        return out["logits"].numpy(), out["value"].numpy(), new_state
+            select = self._all_positions(rows * steps)
+        else:
+            select = self.to_device(select)
+        binding.bind_ortvalue_input("inputs_embeds", self.to_device(self.host["embedding"][tokens]))
+        binding.bind_ortvalue_input("position_bias", self._decoder_position_bias(state.length, steps))
+        binding.bind_ortvalue_input("select", select)
+        binding.bind_cpu_input("past_length", np.array([state.length], dtype=np.int32))
+        self.graphs[1].session.run_with_iobinding(binding)
+        logits, value = binding.get_outputs()[:2]
+        new_state = dataclasses.replace(state, length=state.length + steps, binding=binding)  # cache written in place
+        return logits.numpy(), value.numpy(), new_state
+
+    def _binding(self, state: DecoderState):
+        """An IO binding for one rollout: the encoder mask, cross K/V and the cache (read and written in place)
+        stay bound; each step binds only its tokens, position bias, positions and past length."""
+        binding = self.graphs[1].session.io_binding()
+        for name in ("logits", "value"):  # bound first: get_outputs() lists outputs in the order they were bound
+            binding.bind_output(name, "cpu")
+        binding.bind_ortvalue_input("encoder_mask", state.encoder_mask)
+        for name, value in zip(self._cross, state.cross_kv):
+            binding.bind_ortvalue_input(name, value)
+        for past, present, value in zip(self._past, self._present, state.self_kv):
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)
+        return binding
+
+    def _all_positions(self, count: int) -> ort.OrtValue:
+        if count not in self._positions:
+            self._positions[count] = self.to_device(np.arange(count, dtype=np.int64))
+        return self._positions[count]
 
     def _cache(self, rows: int, capacity: int) -> list:
         shape = (rows, self._heads, capacity, self._d_kv)
         return [
-            ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, self.device, self.device_id)
-            for _ in self._past
+            ort.OrtValue.ortvalue_from_shape_and_type(shape, kind, self.device, self.device_id)
+            for kind in self._cache_types
         ]
 
     def _grown(self, state: DecoderState, capacity: int) -> DecoderState:
@@ -338,10 +352,10 @@ class SingleDecoder(OnnxDecoder):
         to ``encode`` never need this)."""
         cache = self._cache(state.rows, capacity)
         for old, new in zip(state.self_kv, cache):
-            grown = np.empty(new.shape(), dtype=np.float32)
+            grown = np.zeros(new.shape(), dtype=old.numpy().dtype)
             grown[:, :, : state.length] = old.numpy()[:, :, : state.length]
             new.update_inplace(grown)
-        return dataclasses.replace(state, self_kv=cache, capacity=capacity)
+        return dataclasses.replace(state, self_kv=cache, capacity=capacity, binding=None)
 
     def _encoder_position_bias(self, length: int) -> np.ndarray:
         """1 x H x S x S: the bias of key position k for query position q, by bucket of k - q."""
@@ -353,18 +367,27 @@ class SingleDecoder(OnnxDecoder):
             self._encoder_bias = {length: np.ascontiguousarray(bias.transpose(2, 0, 1)[None])}
         return self._encoder_bias[length]
 
-    def _decoder_position_bias(self, past: int, steps: int) -> np.ndarray:
-        """1 x H x T x (P+T): bucket of how far back each key is, and -1e9 on future keys (causal)."""
-        reach = len(self.host["decoder_buckets"]) - 1
-        queries = np.arange(past, past + steps)[:, None]
-        keys = np.arange(past + steps)[None, :]
-        back = np.clip(queries - keys, 0, reach)
-        bias = self.host["decoder_position_bias"][self.host["decoder_buckets"][back]].transpose(2, 0, 1)
-        if steps > 1:
-            bias = bias + np.where(keys > queries, np.float32(-1e9), np.float32(0))[None]
-        return np.ascontiguousarray(bias[None], dtype=np.float32)
+    def _decoder_position_bias(self, past: int, steps: int) -> ort.OrtValue:
+        """1 x H x T x (P+T) on the device: bucket of how far back each key is, -1e9 on future keys (causal).
+
+        Kept per (past, steps): a rollout asks for the same ones again and again."""
+        key = (past, steps)
+        if key not in self._decoder_bias:
+            if len(self._decoder_bias) > 4096:
+                self._decoder_bias.clear()
+            reach = len(self.host["decoder_buckets"]) - 1
+            queries = np.arange(past, past + steps)[:, None]
+            keys = np.arange(past + steps)[None, :]
+            back = np.minimum(np.maximum(queries - keys, 0), reach)
+            bias = self.host["decoder_position_bias"][self.host["decoder_buckets"][back]].transpose(2, 0, 1)
+            if steps > 1:
+                bias = bias + np.where(keys > queries, np.float32(-1e9), np.float32(0))[None]
+            self._decoder_bias[key] = self.to_device(np.ascontiguousarray(bias[None], dtype=np.float32))
+        return self._decoder_bias[key]
 
 
+# onnxruntime's names of the KV-cache element types -> what OrtValue allocation takes (16 = ONNX BFLOAT16)
+_ELEMENT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(bfloat16)": 16}
 EMBEDDING_FILE = "t5vh_embedding.npy"
 TABLES_FILE = "t5vh_tables.npz"
 

@@ -159,20 +159,21 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("T5VH_CACHE", Path.home() / ".cache" / "t5vh_fast"))
 
 
-def demo_export(size: str, cache_dir: Path, *, log=lambda message: None) -> Path:
-    """The demo model's export in ``cache_dir``, built (deterministically) on first use."""
+def demo_export(size: str, cache_dir: Path, *, precision: str = "fp32", log=lambda message: None) -> Path:
+    """The demo model's export (at ``precision``) in ``cache_dir``, built (deterministically) on first use."""
     from .errors import ExportError
-    from .export import export
+    from .export import default_output_dir, export
     from .manifest import FORMAT_VERSION, read_manifest
 
     model_dir = cache_dir / f"demo-{size}"
-    export_dir = cache_dir / f"demo-{size}-onnx"
+    export_dir = default_output_dir(model_dir, precision)
     try:
         current = read_manifest(export_dir)["format_version"] == FORMAT_VERSION
         if current and (model_dir / "config.json").is_file():
             return export_dir
     except (FileNotFoundError, ExportError):
         pass
-    log(f"building the {size} demo model in {model_dir} ...")
-    write_demo(model_dir, size=size, force=True)
-    return export(model_dir, export_dir, force=True, log=log)
+    if not (model_dir / "config.json").is_file():
+        log(f"building the {size} demo model in {model_dir} ...")
+        write_demo(model_dir, size=size, force=True)
+    return export(model_dir, export_dir, force=True, precision=precision, log=log)

@@ -20,12 +20,12 @@ from .inputs import (
     pad_batch,
 )
 from .manifest import DECODER_GRAPH, ENCODER_GRAPH, check_files, default_layout, layouts, read_manifest
-from .providers import CudaOptions, provider_errors
+from .providers import CudaOptions, provider_errors, resolve_providers
 from .results import Rollout, Scores
 from .rollout import respond
 from .scoring import score as _score
 from .tensorrt import TensorrtOptions
-from .weights import ModelSpec, checkpoint_params, place_arrays, plan_record, weights_digest
+from .weights import ModelSpec, checkpoint_params, place_arrays, plan_record, transformed, weights_digest
 
 
 class OnnxPolicy:
@@ -204,7 +204,8 @@ class OnnxPolicy:
         quantization) into copies (changing the model afterwards, as an
         optimizer step does, does not reach the policy) and loaded into new
         sessions; afterwards every number equals that of a fresh export of the
-        same weights. The new sessions and version replace the old ones in one
+        same weights. Every decoder layout of a format-2 export can be
+        refreshed. The new sessions and version replace the old ones in one
         assignment: a call already running finishes on the old weights and
         reports the old version. ``version``: a non-empty name for the new
         weights (default: ``weights_digest``, a hash of them, which is also the
@@ -217,20 +218,26 @@ class OnnxPolicy:
         recorded = self.manifest.get("weights", {}).get(layout)
         if recorded is None:
             raise ExportError(
-                f"{self.root} holds no weight map for decoder={layout!r} (it was exported by an older t5vh_fast, or "
-                "that layout cannot be refreshed): re-export it with this version's `t5vh-export` and load it with "
-                "decoder='single'"
+                f"{self.root} holds no weight map for decoder={layout!r} (it was exported by an older t5vh_fast): "
+                "re-export it with this version's `t5vh-export`"
             )
         spec = ModelSpec.from_config(self.config)
-        if plan_record(spec, self.precision) != recorded:
+        keep = tuple(self.manifest.get("kept_fp32", ()))
+        if layout == "single" and plan_record(spec, self.precision, keep) != recorded:
             raise ExportError(
                 f"{self.root} was exported with another weight layout than this t5vh_fast computes: re-export it"
             )
         params = checkpoint_params(weights, spec)
-        arrays = {
-            name: place_arrays(params, spec, self.precision, place)
-            for name, place in (("host", "host"), (ENCODER_GRAPH, "encoder"), (DECODER_GRAPH, "decoder"))
-        }
+        if layout == "single":
+            arrays = {
+                name: place_arrays(params, spec, self.precision, place, keep)
+                for name, place in (("host", "host"), (ENCODER_GRAPH, "encoder"), (DECODER_GRAPH, "decoder"))
+            }
+        else:  # Optimum's graphs: the map the exporter found for each initializer
+            arrays = {
+                graph: {name: transformed(m["transform"], params[m["source"]], spec) for name, m in mapping.items()}
+                for graph, mapping in recorded.items()
+            }
         new_version = version if version is not None else weights_digest(params)
         self._running = (decoder.with_weights(arrays), new_version)
         return new_version
@@ -277,6 +284,27 @@ def _read_config(root: Path) -> dict:
         raise ExportError(f"{path} is not a model config ({exc!r}): re-export the model") from None
 
 
+# which providers run which precision: bf16 has no CPU kernels; int8's DynamicQuantizeMatMul has no CUDA ones
+_PRECISION_PROVIDERS = {
+    "bf16": ("CUDAExecutionProvider", "TensorrtExecutionProvider"),
+    "int8": ("CPUExecutionProvider",),
+}
+
+
+def _check_precision_runs(precision: str, providers, cuda) -> None:
+    """Refuse, before any session starts, a precision the chosen provider cannot run."""
+    if precision not in _PRECISION_PROVIDERS:
+        return
+    cuda = cuda or CudaOptions()
+    first = resolve_providers(providers, device_id=cuda.device_id, probe=cuda.probe)[0]
+    if first not in _PRECISION_PROVIDERS[precision]:
+        fix = "export fp32 or int8 for the CPU" if precision == "bf16" else "export fp32, fp16 or bf16 for the GPU"
+        raise InputError(
+            f"this export's precision is {precision}, which {first} cannot run (it needs "
+            f"{' or '.join(_PRECISION_PROVIDERS[precision])}): pass other providers, or {fix}"
+        )
+
+
 def _export_version(manifest: dict, files) -> str:
     """The version of an export's weights: the digest of its weights the exporter recorded (what
     ``update_weights`` gives for the same weights), else a hash of the hashes of the files the layout reads."""
@@ -318,11 +346,18 @@ def load(
     root = Path(export_dir).expanduser()
     manifest = read_manifest(root)
     layout = decoder if decoder is not None else default_layout(manifest)
-    needed = graph_files(layout)
     available = layouts(manifest)
+    graphs = graph_files(layout)  # the files this layout reads: listed and hashed, external weights included
+    needed = sorted(
+        {*graphs, *(f"{g}.data" for g in graphs if (root / f"{g}.data").exists()), *available.get(layout, ())}
+    )
     if layout not in available:
         known = ", ".join(repr(name) for name in available)
         raise ExportError(f"{root} has no {layout!r} decoder layout (it has {known}): pass one of those, or re-export")
     check_files(root, manifest, needed, verify_hashes=verify)
+    precision = manifest.get("precision", "fp32")
+    if precision == "int8" and providers == "auto":
+        providers = "cpu"  # int8 exports are made for the CPU provider
+    _check_precision_runs(precision, providers, cuda)
     opened = open_decoder(root, layout, providers=providers, threads=threads, cuda=cuda, tensorrt=tensorrt)
     return OnnxPolicy(root, manifest, opened)

@@ -13,6 +13,7 @@ NumPy only: the runtime imports this without torch.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Tuple
 
@@ -108,7 +109,7 @@ class Tensor:
     place: str  # "encoder" or "decoder" (an ONNX graph), or "host" (kept in NumPy by the runtime)
     sources: Tuple[str, ...]  # the checkpoint parameters it is computed from
     transform: str  # how: "copy", "transpose", "lm_head", "value_weight", "value_bias"
-    quantized: bool = False  # int8: stored as NAME (int8, in x out) and NAME.scale (float32, per output column)
+    dtype: str = "fp32"  # stored as: "fp32", "fp16", "bf16", or "int8" (see quantize_int8: NAME and NAME.scale)
 
 
 def _block(stack: str, i: int, j: int, name: str) -> str:
@@ -121,61 +122,55 @@ def _ffn(stack: str, i: int, j: int, spec: ModelSpec) -> List[Tuple[str, str]]:
     return [(name, _block(stack, i, j, f"DenseReluDense.{name}.weight")) for name in names]
 
 
-def tensor_plan(spec: ModelSpec, precision: str = "fp32") -> List[Tensor]:
-    """Every tensor of the single layout, in a fixed order."""
+def tensor_plan(spec: ModelSpec, precision: str = "fp32", keep_fp32: Tuple[str, ...] = ()) -> List[Tensor]:
+    """Every tensor of the single layout, in a fixed order.
+
+    Matrices are stored in ``precision`` (norms, the value head and the host
+    tables stay fp32), except those of the sublayers named in ``keep_fp32``.
+    """
     if precision not in PRECISIONS:
         raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    q = precision == "int8"
-    plan = [
+    rel_bias = "SelfAttention.relative_attention_bias.weight"
+    plan: List[Tensor] = [
         Tensor("embedding", "host", ("shared.weight",), "copy"),
-        Tensor(
-            "encoder_position_bias",
-            "host",
-            ("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",),
-            "copy",
-        ),
-        Tensor(
-            "decoder_position_bias",
-            "host",
-            ("decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",),
-            "copy",
-        ),
+        Tensor("encoder_position_bias", "host", (_block("encoder", 0, 0, rel_bias),), "copy"),
+        Tensor("decoder_position_bias", "host", (_block("decoder", 0, 0, rel_bias),), "copy"),
     ]
+
+    def add(name: str, place: str, param: str, transform: str = "copy") -> None:
+        matrix = transform in ("transpose", "lm_head") and sublayer_of(name) not in keep_fp32
+        plan.append(Tensor(name, place, (param,), transform, precision if matrix else "fp32"))
+
     for i in range(spec.encoder_layers):
         p = f"encoder.{i}"
-        plan.append(Tensor(f"{p}.attn_norm", "encoder", (_block("encoder", i, 0, "layer_norm.weight"),), "copy"))
+        add(f"{p}.attn_norm", "encoder", _block("encoder", i, 0, "layer_norm.weight"))
         for w in ("q", "k", "v", "o"):
-            plan.append(
-                Tensor(
-                    f"{p}.attn_{w}", "encoder", (_block("encoder", i, 0, f"SelfAttention.{w}.weight"),), "transpose", q
-                )
-            )
-        plan.append(Tensor(f"{p}.ff_norm", "encoder", (_block("encoder", i, 1, "layer_norm.weight"),), "copy"))
+            add(f"{p}.attn_{w}", "encoder", _block("encoder", i, 0, f"SelfAttention.{w}.weight"), "transpose")
+        add(f"{p}.ff_norm", "encoder", _block("encoder", i, 1, "layer_norm.weight"))
         for name, param in _ffn("encoder", i, 1, spec):
-            plan.append(Tensor(f"{p}.ff_{name}", "encoder", (param,), "transpose", q))
-    plan.append(Tensor("encoder.final_norm", "encoder", ("encoder.final_layer_norm.weight",), "copy"))
+            add(f"{p}.ff_{name}", "encoder", param, "transpose")
+    add("encoder.final_norm", "encoder", "encoder.final_layer_norm.weight")
     for i in range(spec.decoder_layers):  # the cross-attention keys and values are computed with the encoder
         for w in ("k", "v"):
-            param = _block("decoder", i, 1, f"EncDecAttention.{w}.weight")
-            plan.append(Tensor(f"decoder.{i}.cross_{w}", "encoder", (param,), "transpose", q))
+            add(
+                f"decoder.{i}.cross_{w}", "encoder", _block("decoder", i, 1, f"EncDecAttention.{w}.weight"), "transpose"
+            )
     for i in range(spec.decoder_layers):
         p = f"decoder.{i}"
-        plan.append(Tensor(f"{p}.self_norm", "decoder", (_block("decoder", i, 0, "layer_norm.weight"),), "copy"))
+        add(f"{p}.self_norm", "decoder", _block("decoder", i, 0, "layer_norm.weight"))
         for w in ("q", "k", "v", "o"):
-            param = _block("decoder", i, 0, f"SelfAttention.{w}.weight")
-            plan.append(Tensor(f"{p}.self_{w}", "decoder", (param,), "transpose", q))
-        plan.append(Tensor(f"{p}.cross_norm", "decoder", (_block("decoder", i, 1, "layer_norm.weight"),), "copy"))
+            add(f"{p}.self_{w}", "decoder", _block("decoder", i, 0, f"SelfAttention.{w}.weight"), "transpose")
+        add(f"{p}.cross_norm", "decoder", _block("decoder", i, 1, "layer_norm.weight"))
         for w in ("q", "o"):
-            param = _block("decoder", i, 1, f"EncDecAttention.{w}.weight")
-            plan.append(Tensor(f"{p}.cross_{w}", "decoder", (param,), "transpose", q))
-        plan.append(Tensor(f"{p}.ff_norm", "decoder", (_block("decoder", i, 2, "layer_norm.weight"),), "copy"))
+            add(f"{p}.cross_{w}", "decoder", _block("decoder", i, 1, f"EncDecAttention.{w}.weight"), "transpose")
+        add(f"{p}.ff_norm", "decoder", _block("decoder", i, 2, "layer_norm.weight"))
         for name, param in _ffn("decoder", i, 2, spec):
-            plan.append(Tensor(f"{p}.ff_{name}", "decoder", (param,), "transpose", q))
-    plan.append(Tensor("decoder.final_norm", "decoder", ("decoder.final_layer_norm.weight",), "copy"))
-    lm_source = ("shared.weight",) if spec.tied else ("lm_head.weight",)
-    plan.append(Tensor("lm_head", "decoder", lm_source, "lm_head", q))
+            add(f"{p}.ff_{name}", "decoder", param, "transpose")
+    add("decoder.final_norm", "decoder", "decoder.final_layer_norm.weight")
+    lm_source = "shared.weight" if spec.tied else "lm_head.weight"
+    add("lm_head", "decoder", lm_source, "lm_head")
     head = HEAD_KEYS[spec.head_layout][0].rsplit(".", 1)[0]
-    value_sources = (lm_source + (f"{head}.weight",)) if spec.head_layout == "logits" else (f"{head}.weight",)
+    value_sources = (lm_source, f"{head}.weight") if spec.head_layout == "logits" else (f"{head}.weight",)
     plan.append(Tensor("value_weight", "decoder", value_sources, "value_weight"))
     plan.append(Tensor("value_bias", "decoder", (f"{head}.bias",), "value_bias"))
     return plan
@@ -210,58 +205,72 @@ def expected_shapes(spec: ModelSpec) -> Dict[str, Tuple[int, ...]]:
 
 def compute(tensor: Tensor, params: Mapping[str, np.ndarray], spec: ModelSpec) -> Dict[str, np.ndarray]:
     """The array(s) of ``tensor`` from checked float32 ``params``: ``{name: array}`` (plus ``name.scale`` for int8)."""
-    w = params[tensor.sources[0]]
-    if tensor.transform == "copy":
-        out = w
-    elif tensor.transform == "transpose":
-        out = _transposed(w)
-    elif tensor.transform == "lm_head":
-        out = _transposed(w)
-        if spec.tied:
-            out *= np.float32(spec.d_model**-0.5)
-    elif tensor.transform == "value_weight":
+    if tensor.transform == "value_weight":
         if spec.head_layout == "logits":  # value = logits . v + b = h . (W_lm v) + b: one vector on the hidden state
-            lm = _lm_head(params, spec)
+            lm = transformed("lm_head", params[tensor.sources[0]], spec)
             out = (lm.astype(np.float64) @ params[tensor.sources[-1]][0].astype(np.float64))[:, None]
         else:
-            out = w.T
+            out = params[tensor.sources[0]].T
     elif tensor.transform == "value_bias":
-        out = w.reshape(1)
+        out = params[tensor.sources[0]].reshape(1)
     else:
-        raise ValueError(f"unknown transform {tensor.transform!r}")  # a bug in the plan, not user input
+        out = transformed(tensor.transform, params[tensor.sources[0]], spec)
     out = np.ascontiguousarray(out, dtype=np.float32)
-    if np.may_share_memory(out, w):  # never a view of the caller's tensors: they may change after (an optimizer step)
-        out = out.copy()
-    if tensor.quantized:
+    if any(np.may_share_memory(out, params[name]) for name in tensor.sources):
+        out = out.copy()  # never a view of the caller's tensors: they may change after (an optimizer step)
+    if tensor.dtype == "int8":
         quantized, scale = quantize_int8(out)
         return {tensor.name: quantized, f"{tensor.name}.scale": scale}
+    if tensor.dtype == "fp16":
+        peak = float(np.abs(out).max()) if out.size else 0.0
+        if peak > np.finfo(np.float16).max:
+            raise NonFiniteError(
+                f"{tensor.name} holds weights up to {peak:.3g}, beyond fp16's range (65504): export bf16 or fp32"
+            )
+        return {tensor.name: out.astype(np.float16)}
+    if tensor.dtype == "bf16":
+        return {tensor.name: to_bfloat16(out)}
     return {tensor.name: out}
 
 
 def _transposed(w: np.ndarray) -> np.ndarray:
-    """A C-contiguous copy of ``w.T``, copied in row blocks (~1.5x faster than one strided copy)."""
+    """A C-contiguous float32 copy of ``w.T``, copied in row blocks (~1.5x faster than one strided copy)."""
+    if w.ndim != 2:
+        return np.array(w.T, dtype=np.float32, order="C")
     out = np.empty(w.shape[::-1], dtype=np.float32)
     for start in range(0, w.shape[0], 64):
         out[:, start : start + 64] = w[start : start + 64].T
     return out
 
 
-def _lm_head(params: Mapping[str, np.ndarray], spec: ModelSpec) -> np.ndarray:
-    source = params["shared.weight"] if spec.tied else params["lm_head.weight"]
-    return source.T * np.float32(spec.d_model**-0.5) if spec.tied else source.T
+def int8_block(k: int) -> int:
+    """The quantization block along the input dimension: the largest power of two <= 128 dividing ``k``."""
+    block = 128
+    while block >= 16:
+        if k % block == 0:
+            return block
+        block //= 2
+    raise ExportError(f"int8 needs matrices whose input size is a multiple of 16, got {k}: export fp32 or fp16")
 
 
 def quantize_int8(w: np.ndarray):
-    """Per-output-column symmetric int8, as onnxruntime's ``quantize_dynamic(per_channel=True)``.
+    """Blockwise symmetric int8 in onnxruntime's ``MatMulNBits`` (8-bit) layout.
 
-    ``w`` is ``in x out``; returns ``(int8 in x out, float32 scale per column)``
-    with ``w ~ q * scale``.
+    ``w`` is ``in x out`` (K x N). Each output column is cut into blocks of
+    ``int8_block(K)`` inputs, each with its own scale ``max|w| / 127``; returns
+    ``(uint8 N x blocks x block: q + 128, float32 scales N * blocks)`` with
+    ``w ~ (stored - 128) * scale``. At run time the activations are quantized
+    per row and block, so a row's result does not depend on the rest of its
+    batch (per-tensor dynamic quantization would make rollout and scoring
+    numbers differ with the batch).
     """
-    absmax = np.maximum(-np.minimum(w.min(axis=0), 0), np.maximum(w.max(axis=0), 0))
-    scale = (absmax.astype(np.float32) * np.float32(2.0 / 254.0)).astype(np.float32)
+    k, n = w.shape
+    block = int8_block(k)
+    blocks = w.T.reshape(n, k // block, block)
+    scale = (np.abs(blocks).max(axis=-1) / np.float32(127)).astype(np.float32)
     scale[scale == 0] = 1.0
-    q = np.clip(np.round(w / scale), -128, 127).astype(np.int8)
-    return q, scale
+    q = np.clip(np.round(blocks / scale[..., None]), -127, 127)
+    return (q + 128).astype(np.uint8), scale.reshape(-1)
 
 
 def checkpoint_params(weights, spec: ModelSpec) -> Dict[str, np.ndarray]:
@@ -326,17 +335,19 @@ def _as_float32(value, name: str) -> np.ndarray:
         raise InputError(f"parameter {name} is not an array of numbers ({type(value).__name__})") from None
 
 
-def plan_arrays(params: Mapping[str, np.ndarray], spec: ModelSpec, precision: str) -> Dict[str, Dict[str, np.ndarray]]:
+def plan_arrays(
+    params: Mapping[str, np.ndarray], spec: ModelSpec, precision: str, keep_fp32: Tuple[str, ...] = ()
+) -> Dict[str, Dict[str, np.ndarray]]:
     """``{place: {tensor name: array}}`` for every tensor of the plan."""
-    return {place: place_arrays(params, spec, precision, place) for place in ("host", "encoder", "decoder")}
+    return {place: place_arrays(params, spec, precision, place, keep_fp32) for place in ("host", "encoder", "decoder")}
 
 
 def place_arrays(
-    params: Mapping[str, np.ndarray], spec: ModelSpec, precision: str, place: str
+    params: Mapping[str, np.ndarray], spec: ModelSpec, precision: str, place: str, keep_fp32: Tuple[str, ...] = ()
 ) -> Dict[str, np.ndarray]:
     """``{tensor name: array}`` for the tensors of one place ("host", "encoder" or "decoder")."""
     out: Dict[str, np.ndarray] = {}
-    for tensor in tensor_plan(spec, precision):
+    for tensor in tensor_plan(spec, precision, keep_fp32):
         if tensor.place == place:
             out.update(compute(tensor, params, spec))
     return out
@@ -362,9 +373,47 @@ def weights_digest(params: Mapping[str, np.ndarray]) -> str:
     return digest.hexdigest()[:16]
 
 
-def plan_record(spec: ModelSpec, precision: str) -> Dict[str, dict]:
-    """The plan as JSON for the manifest: tensor -> {place, sources, transform, int8}."""
+def plan_record(spec: ModelSpec, precision: str, keep_fp32: Tuple[str, ...] = ()) -> Dict[str, dict]:
+    """The plan as JSON for the manifest: tensor -> {place, sources, transform, dtype}."""
     return {
-        t.name: {"place": t.place, "sources": list(t.sources), "transform": t.transform, "int8": t.quantized}
-        for t in tensor_plan(spec, precision)
+        t.name: {"place": t.place, "sources": list(t.sources), "transform": t.transform, "dtype": t.dtype}
+        for t in tensor_plan(spec, precision, keep_fp32)
     }
+
+
+def sublayer_of(tensor_name: str) -> str:
+    """The sublayer a matrix belongs to ("decoder.3.ff" for "decoder.3.ff_wo"); "" for other tensors.
+
+    Sublayers: ``encoder.<i>.attn``, ``encoder.<i>.ff``, ``decoder.<i>.self``,
+    ``decoder.<i>.cross``, ``decoder.<i>.ff`` and ``lm_head``: the units a
+    reduced-precision export may keep in fp32 where fp16 would overflow.
+    """
+    match = re.match(r"^((?:encoder|decoder)\.\d+\.(?:attn|self|cross|ff))_|^(lm_head)$", tensor_name)
+    return (match.group(1) or match.group(2)) if match else ""
+
+
+def to_bfloat16(w: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (as uint16, which NumPy can hold), rounded to nearest even."""
+    bits = np.ascontiguousarray(w, dtype=np.float32).view(np.uint32)
+    rounded = bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
+    return (rounded >> np.uint32(16)).astype(np.uint16)
+
+
+def from_bfloat16(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) -> float32."""
+    return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+def transformed(transform: str, w: np.ndarray, spec: ModelSpec) -> np.ndarray:
+    """One parameter as a graph stores it: ``copy``, ``transpose`` (MatMul wants in x out), or ``lm_head``
+    (transposed, and for a tied model scaled by ``d_model ** -0.5`` as T5 scales the decoder output)."""
+    if transform == "copy":  # a copy, never a view of the caller's array
+        return np.array(w, dtype=np.float32, order="C")
+    if transform == "transpose":
+        return _transposed(w)
+    if transform == "lm_head":
+        out = _transposed(w)
+        if spec.tied:
+            out *= np.float32(spec.d_model**-0.5)
+        return out
+    raise ValueError(f"unknown transform {transform!r}")  # a bug in the plan or the manifest, not user input

@@ -133,6 +133,26 @@ def test_bench_quick_writes_json_and_png(tmp_path):
             assert r["tokens_per_s"] > 0 and r["peak_rss_mb"] > 0 and r["step_ms_p50"] > 0
     assert report["parity"]["identical_tokens"] >= 0.999
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| t5vh | 1 |" in result.output and "Bandwidth floor" in result.output
+    assert "| t5vh | fp32 | 1 |" in result.output and "Bandwidth floor" in result.output
+    assert "| t5vh-int8 | int8 | 1 |" in result.output and "Distribution cost" in result.output
+    assert report["gaps"]["t5vh-int8"]["kl_mean"] > 0
     bad = CliRunner().invoke(bench_command, ["--systems", "t5vh,warp-drive", "--cache-dir", str(tmp_path / "cache")])
     assert bad.exit_code != 0 and "warp-drive" in bad.output
+
+
+def test_bench_scoring_workload(tmp_path):
+    json_path = tmp_path / "score.json"
+    args = ["--workload", "score", "--quick", "--size", "tiny", "--systems", "t5vh,t5vh-int8,torch"]
+    result = CliRunner().invoke(
+        bench_command, [*args, "--cache-dir", str(tmp_path / "cache"), "--json", str(json_path)]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(json_path.read_text())
+    assert report["workload"]["kind"] == "score" and report["workload"]["rows"] == 64
+    by = {r["system"]: r for r in report["results"]}
+    assert set(by) == {"t5vh", "t5vh-int8", "torch"}
+    assert len({r["tokens"] for r in by.values()}) == 1  # the same rows for every system
+    assert all(r["tokens_per_s"] > 0 and r["rows"] == 64 and r["peak_rss_mb"] > 0 for r in by.values())
+    assert "| t5vh | fp32 |" in result.output and "response tokens/s" in result.output
+    bad = CliRunner().invoke(bench_command, ["--workload", "score", "--systems", "hf-generate"])
+    assert bad.exit_code != 0 and "not in the scoring workload" in bad.output

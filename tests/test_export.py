@@ -41,7 +41,7 @@ def test_export_each_family_and_layout(tmp_path, family, layout):
     assert manifest["tie_word_embeddings"] is (family == "t5")
     assert manifest["precision"] == "fp32" and isinstance(manifest["opset"], int)
     assert {"torch", "transformers", "optimum", "optimum-onnx"} <= set(manifest["versions"])
-    assert sorted(manifest["files"]) == sorted(GRAPHS + SINGLE_FILES)
+    assert sorted(manifest["files"]) == sorted(GRAPHS + [f"{g}.data" for g in GRAPHS] + SINGLE_FILES)
     assert sorted(manifest["layouts"]) == ["merged", "single", "split"]
     for name, digest in manifest["files"].items():
         assert sha256_file(out / name) == digest

@@ -1,4 +1,5 @@
-"""``OnnxPolicy.update_weights`` (single layout): a refresh equals a fresh export, a failed one changes nothing."""
+"""``OnnxPolicy.update_weights`` (mostly the single layout; every layout: test_refresh_layouts.py): a refresh equals
+a fresh export, a failed one changes nothing."""
 
 from __future__ import annotations
 
@@ -131,9 +132,10 @@ def test_refresh_of_other_families_and_heads(tmp_path, family, head):
     assert_same_numbers(policy, fresh, model, (ids, mask, np.random.default_rng(9).random((16, TXT_LEN))))
 
 
-def test_later_changes_to_the_source_do_not_reach_the_policy(tiny_export, other_model, queries):
+@pytest.mark.parametrize("layout", ["single", "split", "merged"])
+def test_later_changes_to_the_source_do_not_reach_the_policy(tiny_export, other_model, queries, layout):
     """An optimizer step changes the model in place after update_weights(model): the policy keeps its copy."""
-    policy = t5vh_fast.load(tiny_export, providers="cpu")
+    policy = t5vh_fast.load(tiny_export, providers="cpu", decoder=layout)
     model = copy.deepcopy(other_model)
     arrays = {name: t.detach().numpy().copy() for name, t in model.state_dict().items()}
     for source in (model, arrays):

@@ -19,13 +19,14 @@ from typing import Callable, Optional
 
 from .._files import exclusive_lock, is_within, remove_leftovers, replace_dir, sha256_file, write_json_atomic
 from ..checkpoint import load_reference
-from ..errors import NonFiniteError, OutputError, ParityError, PathExists, PathNotFound
+from ..errors import InputError, NonFiniteError, OutputError, ParityError, PathExists, PathNotFound
 from ..manifest import DECODER, DECODER_MERGED, DECODER_WITH_PAST, ENCODER, FORMAT_VERSION, MANIFEST_NAME
 from ..tensorrt import graph_input_dims
-from ..weights import ModelSpec, checkpoint_params, plan_record, weights_digest
+from ..weights import PRECISIONS, ModelSpec, checkpoint_params, plan_record, weights_digest
 from .check import TOLERANCE, check_export, format_report
 from .graph import OPSET
 from .optimize import fold_lm_head_scale
+from .optimum_map import fingerprinted, map_and_fill
 from .single import write_single_layout
 
 TOKENIZER_FILES = (
@@ -40,8 +41,10 @@ TOKENIZER_FILES = (
 ExportParityError = ParityError  # the name this error had before t5vh_fast.errors existed
 
 
-def default_output_dir(model_dir) -> Path:
-    return Path(str(Path(model_dir).expanduser()).rstrip("/") + "-onnx")
+def default_output_dir(model_dir, precision: str = "fp32") -> Path:
+    """``<model_dir>-onnx``, or ``<model_dir>-onnx-<precision>`` for a reduced precision."""
+    suffix = "-onnx" if precision == "fp32" else f"-onnx-{precision}"
+    return Path(str(Path(model_dir).expanduser()).rstrip("/") + suffix)
 
 
 def export(
@@ -49,6 +52,8 @@ def export(
     output_dir=None,
     *,
     force: bool = False,
+    precision: str = "fp32",
+    max_kl: Optional[float] = None,
     optimum: bool = True,
     merged: bool = True,
     opset: Optional[int] = None,
@@ -68,12 +73,27 @@ def export(
     replaces only a previous t5vh export or an empty directory; never an output
     that is or contains ``model_dir``. Raises ``ParityError`` (and writes
     nothing) when a graph misses the parity tolerance.
+
+    ``precision``: ``"fp32"`` (the reference), ``"int8"`` (CPU: every matrix
+    per-column int8, activations quantized on the fly), ``"fp16"`` or
+    ``"bf16"`` (CUDA/TensorRT; fp16 keeps in fp32 the sublayers whose
+    activations come near its range). A reduced-precision export holds the
+    single layout only (default output ``<model_dir>-onnx-<precision>``) and,
+    instead of the fp32 parity check, a precision-gap report measured against
+    the fp32 model; ``max_kl`` refuses one whose mean per-token KL to fp32 is
+    larger, and NaN or inf on the probe always fails.
     """
-    out = Path(output_dir).expanduser() if output_dir is not None else default_output_dir(model_dir)
+    if precision not in PRECISIONS:
+        raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if max_kl is not None and (isinstance(max_kl, bool) or not isinstance(max_kl, (int, float)) or not max_kl >= 0):
+        raise InputError(f"max_kl must be a number >= 0, got {max_kl!r}")
+    out = Path(output_dir).expanduser() if output_dir is not None else default_output_dir(model_dir, precision)
     check_output_dir(out, model_dir, force=force)
     model = load_reference(model_dir, strict=strict, allow_pickle=allow_pickle)
     check_finite_weights(model)
     with _output_lock(out, model_dir, force=force):
+        if precision != "fp32":
+            return _export_reduced(out, model, model_dir, precision=precision, max_kl=max_kl, log=log)
         return _export_to(out, model, model_dir, optimum=optimum, merged=merged, opset=opset, log=log)
 
 
@@ -112,16 +132,12 @@ def _output_lock(out: Path, model_dir, *, force: bool):
 
 
 def _export_to(out: Path, model, model_dir, *, optimum: bool, merged: bool, opset: Optional[int], log) -> Path:
-    """Build the export in a temporary directory beside ``out``, check it, and move it into place."""
+    """Build the fp32 export in a temporary directory beside ``out``, check it, and move it into place."""
+    tmp = _partial_dir(out)
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial.", dir=out.parent))
-    except OSError as exc:
-        raise OutputError(f"cannot write the export at {out}: {exc.strerror}") from None
-    try:
-        layouts, used_opset = {}, OPSET
+        layouts, weight_maps, used_opset = {}, {}, OPSET
         if optimum:
-            layouts, used_opset = _export_graphs(model, tmp, merged=merged, opset=opset, log=log)
+            layouts, weight_maps, used_opset = _export_graphs(model, tmp, merged=merged, opset=opset, log=log)
         log("writing the single layout (t5vh_encoder.onnx, t5vh_decoder.onnx) ...")
         layouts = {"single": write_single_layout(model, tmp), **layouts}
         _save_side_files(model, Path(model_dir).expanduser(), tmp)
@@ -133,26 +149,9 @@ def _export_to(out: Path, model, model_dir, *, optimum: bool, merged: bool, opse
             raise ExportParityError(
                 f"export does not match PyTorch within {TOLERANCE} for {failed}:\n{format_report(report)}"
             )
-        files = sorted({name for names in layouts.values() for name in names})
-        spec = ModelSpec.from_config(model.config.to_dict())
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "precision": "fp32",
-            "head_layout": model.head_layout,
-            "model_type": model.config.model_type,
-            "tie_word_embeddings": bool(model.config.tie_word_embeddings),
-            "opset": used_opset,
-            "layouts": layouts,
-            "files": {name: sha256_file(tmp / name) for name in files},
-            "weights": {"single": plan_record(spec, "fp32")},
-            # what OnnxPolicy.weights_version reports for these weights, fresh or after update_weights
-            "weights_version": weights_digest(checkpoint_params(model.state_dict(), spec)),
-            "graphs": {name: {"inputs": graph_input_dims(tmp / name)} for name in files if name.endswith(".onnx")},
-            "parity": {"tolerance": TOLERANCE, "graphs": report},
-            "versions": library_versions(),
-            "source": str(Path(model_dir).expanduser().resolve()),
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        }
+        manifest = _manifest(model, model_dir, tmp, layouts, used_opset, precision="fp32")
+        manifest["weights"].update(weight_maps)
+        manifest["parity"] = {"tolerance": TOLERANCE, "graphs": report}
         write_json_atomic(tmp / MANIFEST_NAME, manifest)
         replace_dir(tmp, out)
     except BaseException:
@@ -160,6 +159,52 @@ def _export_to(out: Path, model, model_dir, *, optimum: bool, merged: bool, opse
         raise
     sizes = ", ".join(f"{name} {(out / name).stat().st_size / 1e6:.1f} MB" for name in manifest["files"])
     log(f"wrote {out}: {sizes}")
+    return out
+
+
+def _export_reduced(out: Path, model, model_dir, *, precision: str, max_kl: Optional[float], log) -> Path:
+    """The single layout at a reduced precision, with its precision-gap report; nothing written if it fails."""
+    from .precision import format_gap, fp16_keep, fp32_rollout, precision_gap, probe, sublayer_peaks
+
+    tmp = _partial_dir(out)
+    try:
+        ids, mask, uniforms = probe(model.config.vocab_size)
+        reference = fp32_rollout(model, ids, mask, uniforms)
+        keep, peaks = (), {}
+        if precision == "fp16":
+            peaks = sublayer_peaks(model, ids, mask, reference.tokens.numpy())
+            keep = fp16_keep(peaks)
+        log(f"writing the {precision} single layout ...")
+        files = write_single_layout(model, tmp, precision=precision, keep_fp32=keep)
+        _save_side_files(model, Path(model_dir).expanduser(), tmp)
+        log(f"measuring the {precision} export against the fp32 PyTorch model ...")
+        try:
+            report = precision_gap(model, tmp, precision, ids, mask, uniforms, reference)
+        except NonFiniteError as exc:
+            if not peaks:
+                raise
+            name, peak = max(((n, v) for n, v in peaks.items() if n not in keep), key=lambda item: item[1])
+            raise NonFiniteError(f"{exc} (largest fp16 sublayer: {name}, max |activation| {peak:.3g})") from None
+        log(format_gap(report, keep if precision in ("fp16", "bf16") else None))
+        if max_kl is not None and report.get("measured") and report["kl_mean"] > max_kl:
+            raise ParityError(
+                f"the {precision} export's mean per-token KL to fp32 is {report['kl_mean']:.3g}, more than "
+                f"--max-kl {max_kl:g}: not written; use a higher --max-kl or another precision"
+            )
+        spec = ModelSpec.from_config(model.config.to_dict())
+        manifest = _manifest(model, model_dir, tmp, {"single": files}, OPSET, precision=precision)
+        manifest.update(
+            kept_fp32=list(keep),
+            weights={"single": plan_record(spec, precision, keep)},
+            precision_report=report,
+            parity=None,
+        )
+        write_json_atomic(tmp / MANIFEST_NAME, manifest)
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"wrote {out}")
     return out
 
 
@@ -177,23 +222,25 @@ def check_finite_weights(model) -> None:
 
 
 def _export_graphs(model, tmp: Path, *, merged: bool, opset: Optional[int], log):
-    """Write Optimum's encoder and decoder graphs (and the merged decoder); returns ``({layout: files}, opset)``."""
+    """Write Optimum's encoder and decoder graphs (and the merged decoder), traced from a fingerprinted twin
+    and filled with the model's weights; returns ``({layout: files}, {layout: {graph: weight map}}, opset)``."""
     from optimum.exporters.onnx.convert import export_models
     from optimum.exporters.utils import get_encoder_decoder_models_for_export
 
     from .onnx_config import TASK, T5ValueHeadOnnxConfig
 
-    onnx_config = T5ValueHeadOnnxConfig(model.config, task=TASK, use_past=True)
+    twin = fingerprinted(model)  # traced instead of the model: see optimum_map
+    onnx_config = T5ValueHeadOnnxConfig(twin.config, task=TASK, use_past=True)
     opset = opset or onnx_config.DEFAULT_ONNX_OPSET
     # Optimum's patcher sets config.use_cache on every submodule and leaves it set: put it back after.
     saved = {
         id(m.config): (m.config, m.config.use_cache)
-        for m in model.modules()
+        for m in twin.modules()
         if hasattr(getattr(m, "config", None), "use_cache")
     }
     files = {}
     try:
-        for name, model_and_config in get_encoder_decoder_models_for_export(model, onnx_config).items():
+        for name, model_and_config in get_encoder_decoder_models_for_export(twin, onnx_config).items():
             start = time.perf_counter()
             log(f"exporting {name}.onnx ...")
             with warnings.catch_warnings():
@@ -218,10 +265,17 @@ def _export_graphs(model, tmp: Path, *, merged: bool, opset: Optional[int], log)
         merge_decoders(tmp / DECODER, tmp / DECODER_WITH_PAST, save_path=tmp / DECODER_MERGED, strict=False)
         log(f"  {DECODER_MERGED} done in {time.perf_counter() - start:.1f} s")
         files[DECODER_MERGED] = True
-    layouts = {"split": [ENCODER, DECODER, DECODER_WITH_PAST]}
+    spec = ModelSpec.from_config(model.config.to_dict())
+    maps = {}
+    for name in files:
+        log(f"  {name}: the model's weights into the traced graph, as external data ...")
+        maps[name] = map_and_fill(tmp / name, twin, model, spec)
+    graphs = {"split": [ENCODER, DECODER, DECODER_WITH_PAST]}
     if merged:
-        layouts["merged"] = [ENCODER, DECODER_MERGED]
-    return layouts, opset
+        graphs["merged"] = [ENCODER, DECODER_MERGED]
+    layouts = {layout: [f for g in names for f in (g, f"{g}.data")] for layout, names in graphs.items()}
+    weight_maps = {layout: {g: maps[g] for g in names} for layout, names in graphs.items()}
+    return layouts, weight_maps, opset
 
 
 def _save_side_files(model, model_dir: Path, tmp: Path) -> None:
@@ -259,3 +313,35 @@ def library_versions() -> dict:
         except metadata.PackageNotFoundError:
             pass
     return versions
+
+
+def _partial_dir(out: Path) -> Path:
+    """A fresh ``.NAME.partial.*`` directory beside ``out`` to build the export in."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial.", dir=out.parent))
+    except OSError as exc:
+        raise OutputError(f"cannot write the export at {out}: {exc.strerror}") from None
+
+
+def _manifest(model, model_dir, tmp: Path, layouts: dict, opset: int, *, precision: str) -> dict:
+    """The manifest fields every export has (files hashed as they are in ``tmp``)."""
+    files = sorted({name for names in layouts.values() for name in names})
+    spec = ModelSpec.from_config(model.config.to_dict())
+    return {
+        "format_version": FORMAT_VERSION,
+        "precision": precision,
+        "head_layout": model.head_layout,
+        "model_type": model.config.model_type,
+        "tie_word_embeddings": bool(model.config.tie_word_embeddings),
+        "opset": opset,
+        "layouts": layouts,
+        "files": {name: sha256_file(tmp / name) for name in files},
+        "weights": {"single": plan_record(spec, precision)},
+        # what OnnxPolicy.weights_version reports for these weights, fresh or after update_weights
+        "weights_version": weights_digest(checkpoint_params(model.state_dict(), spec)),
+        "graphs": {name: {"inputs": graph_input_dims(tmp / name)} for name in files if name.endswith(".onnx")},
+        "versions": library_versions(),
+        "source": str(Path(model_dir).expanduser().resolve()),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }

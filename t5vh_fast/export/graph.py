@@ -35,29 +35,51 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..weights import ModelSpec
+from ..weights import ModelSpec, sublayer_of
 
 OPSET = 17
 ENCODER_GRAPH = "t5vh_encoder.onnx"
 DECODER_GRAPH = "t5vh_decoder.onnx"
 ALIGN = 64  # bytes: each weight starts at a multiple of this in the .data file
 
-_DTYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.int8): TensorProto.INT8}
+_ONNX_TYPES = {
+    np.dtype(np.float32): TensorProto.FLOAT,
+    np.dtype(np.float16): TensorProto.FLOAT16,
+    np.dtype(np.uint16): TensorProto.BFLOAT16,  # bfloat16 bit patterns (NumPy has no bfloat16)
+    np.dtype(np.int8): TensorProto.INT8,
+    np.dtype(np.uint8): TensorProto.UINT8,
+}
+_COMPUTE_TYPES = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
+
+
+def sublayer_types(weights: Dict[str, np.ndarray]) -> Dict[str, str]:
+    """The type each sublayer computes in, from its matrices' storage: fp16, bf16, else fp32 (int8 included)."""
+    kinds = {np.dtype(np.float16): "fp16", np.dtype(np.uint16): "bf16"}
+    return {sublayer_of(name): kinds.get(array.dtype, "fp32") for name, array in weights.items() if sublayer_of(name)}
 
 
 class Builder:
-    """A graph under construction: nodes, inputs, outputs and external weights."""
+    """A graph under construction: nodes, inputs, outputs and external weights.
+
+    The residual stream, the norms and the value head stay fp32; a sublayer
+    whose matrices are fp16/bf16 casts the normed input to that type, computes
+    in it, and casts its output back before the residual add (T5's residual
+    stream outgrows fp16; its sublayers mostly do not, and those that would are
+    kept fp32 by the exporter).
+    """
 
     def __init__(self, name: str, weights: Dict[str, np.ndarray], spec: ModelSpec):
         self.name = name
         self.weights = weights
         self.spec = spec
+        self.types = sublayer_types(weights)
         self.nodes: List[onnx.NodeProto] = []
         self.inputs: List[onnx.ValueInfoProto] = []
         self.outputs: List[onnx.ValueInfoProto] = []
         self.constants: List[onnx.TensorProto] = []
         self.used: List[str] = []
         self._count = 0
+        self._casts: Dict[tuple, str] = {}
 
     def input(self, name: str, dtype, dims) -> str:
         self.inputs.append(helper.make_tensor_value_info(name, dtype, dims))
@@ -85,14 +107,31 @@ class Builder:
         self.nodes.append(helper.make_node(op, inputs, names, name=f"{op}_{self._count}", domain=domain, **attrs))
         return names[0] if outputs == 1 else names
 
+    def cast(self, x: str, kind: str) -> str:
+        """``x`` (fp32) in ``kind`` ("fp32", "fp16" or "bf16"); one Cast per value and type."""
+        if kind == "fp32":
+            return x
+        if (x, kind) not in self._casts:
+            self._casts[(x, kind)] = self.node("Cast", [x], to=_COMPUTE_TYPES[kind])
+        return self._casts[(x, kind)]
+
+    def to_fp32(self, x: str, kind: str) -> str:
+        return x if kind == "fp32" else self.node("Cast", [x], to=TensorProto.FLOAT)
+
     # -------------------------------------------------------------- T5 pieces
 
     def linear(self, x: str, weight: str) -> str:
-        if f"{weight}.scale" in self.weights:  # int8: activations quantized on the fly, weights per column
+        if f"{weight}.scale" in self.weights:  # int8: blockwise weights, activations quantized per row and block
+            n, blocks, block = self.weights[weight].shape
             return self.node(
-                "DynamicQuantizeMatMul",
+                "MatMulNBits",
                 [x, self.weight(weight), self.weight(f"{weight}.scale")],
                 domain="com.microsoft",
+                K=blocks * block,
+                N=n,
+                bits=8,
+                block_size=block,
+                accuracy_level=4,
             )
         return self.node("MatMul", [x, self.weight(weight)])
 
@@ -102,14 +141,16 @@ class Builder:
         )
 
     def feed_forward(self, x: str, prefix: str) -> str:
-        spec = self.spec
-        if spec.gated:
+        """The residual stream after ``prefix``'s feed-forward sublayer."""
+        kind = self.types[f"{prefix}.ff"]
+        h = self.cast(self.norm(x, f"{prefix}.ff_norm"), kind)
+        if self.spec.gated:
             hidden = self.node(
-                "Mul", [self.activation(self.linear(x, f"{prefix}.ff_wi_0")), self.linear(x, f"{prefix}.ff_wi_1")]
+                "Mul", [self.activation(self.linear(h, f"{prefix}.ff_wi_0")), self.linear(h, f"{prefix}.ff_wi_1")]
             )
         else:
-            hidden = self.activation(self.linear(x, f"{prefix}.ff_wi"))
-        return self.linear(hidden, f"{prefix}.ff_wo")
+            hidden = self.activation(self.linear(h, f"{prefix}.ff_wi"))
+        return self.node("Add", [x, self.to_fp32(self.linear(hidden, f"{prefix}.ff_wo"), kind)])
 
     def activation(self, x: str) -> str:
         act = self.spec.activation
@@ -158,7 +199,7 @@ def _external(name: str, array: np.ndarray) -> onnx.TensorProto:
     """A weight whose bytes live in the graph's .data file (offsets filled in by ``save``)."""
     tensor = TensorProto()
     tensor.name = name
-    tensor.data_type = _DTYPES[array.dtype]
+    tensor.data_type = _ONNX_TYPES[array.dtype]
     tensor.dims.extend(array.shape)
     tensor.data_location = TensorProto.EXTERNAL
     return tensor
@@ -172,18 +213,19 @@ def encoder_graph(spec: ModelSpec, weights: Dict[str, np.ndarray]) -> Builder:
     bias = b.input("position_bias", TensorProto.FLOAT, [1, spec.num_heads, "seq", "seq"])
     for i in range(spec.encoder_layers):
         p = f"encoder.{i}"
-        h = b.norm(x, f"{p}.attn_norm")
+        kind = b.types[f"{p}.attn"]
+        h = b.cast(b.norm(x, f"{p}.attn_norm"), kind)
         q, k, v = (b.linear(h, f"{p}.attn_{w}") for w in ("q", "k", "v"))
-        a = b.attention(q, k, v, key_padding_mask=mask, attention_bias=bias)
-        x = b.node("Add", [x, b.linear(a, f"{p}.attn_o")])
-        x = b.node("Add", [x, b.feed_forward(b.norm(x, f"{p}.ff_norm"), p)])
+        a = b.attention(q, k, v, key_padding_mask=mask, attention_bias=b.cast(bias, kind))
+        x = b.node("Add", [x, b.to_fp32(b.linear(a, f"{p}.attn_o"), kind)])
+        x = b.feed_forward(x, p)
     hidden = b.norm(x, "encoder.final_norm")
     for i in range(spec.decoder_layers):
-        for kind in ("key", "value"):
-            projected = b.linear(hidden, f"decoder.{i}.cross_{kind[0]}")
-            b.output(
-                b.heads(projected), f"cross_{kind}.{i}", TensorProto.FLOAT, ["batch", spec.num_heads, "seq", spec.d_kv]
-            )
+        kind = b.types[f"decoder.{i}.cross"]
+        for name in ("key", "value"):
+            projected = b.linear(b.cast(hidden, kind), f"decoder.{i}.cross_{name[0]}")
+            dims = ["batch", spec.num_heads, "seq", spec.d_kv]
+            b.output(b.heads(projected), f"cross_{name}.{i}", _COMPUTE_TYPES[kind], dims)
     return b
 
 
@@ -196,13 +238,15 @@ def decoder_graph(spec: ModelSpec, weights: Dict[str, np.ndarray]) -> Builder:
     enc_mask = b.input("encoder_mask", TensorProto.INT32, ["batch", "seq"])
     cross = []
     for i in range(spec.decoder_layers):
-        k = b.input(f"cross_key.{i}", TensorProto.FLOAT, ["batch", H, "seq", dkv])
-        v = b.input(f"cross_value.{i}", TensorProto.FLOAT, ["batch", H, "seq", dkv])
+        kind = _COMPUTE_TYPES[b.types[f"decoder.{i}.cross"]]
+        k = b.input(f"cross_key.{i}", kind, ["batch", H, "seq", dkv])
+        v = b.input(f"cross_value.{i}", kind, ["batch", H, "seq", dkv])
         cross.append((k, v))
     past = []  # one buffer per layer and kind, as long as the whole response: the step writes at past_length
     for i in range(spec.decoder_layers):
-        k = b.input(f"past_key.{i}", TensorProto.FLOAT, ["rows", H, "capacity", dkv])
-        v = b.input(f"past_value.{i}", TensorProto.FLOAT, ["rows", H, "capacity", dkv])
+        kind = _COMPUTE_TYPES[b.types[f"decoder.{i}.self"]]
+        k = b.input(f"past_key.{i}", kind, ["rows", H, "capacity", dkv])
+        v = b.input(f"past_value.{i}", kind, ["rows", H, "capacity", dkv])
         past.append((k, v))
     past_length = b.input("past_length", TensorProto.INT32, [1])
     select = b.input("select", TensorProto.INT64, ["picked"])
@@ -210,25 +254,34 @@ def decoder_graph(spec: ModelSpec, weights: Dict[str, np.ndarray]) -> Builder:
     group_shape = b.node("Concat", [b.node("Shape", [enc_mask], start=0, end=1), b.const([-1, spec.inner])], axis=0)
     for i in range(spec.decoder_layers):
         p = f"decoder.{i}"
-        h = b.norm(x, f"{p}.self_norm")
+        kind = b.types[f"{p}.self"]
+        h = b.cast(b.norm(x, f"{p}.self_norm"), kind)
         q, k, v = (b.linear(h, f"{p}.self_{w}") for w in ("q", "k", "v"))
         a, present_k, present_v = b.attention(
-            q, k, v, attention_bias=bias, past_key=past[i][0], past_value=past[i][1], past_sequence_length=past_length
+            q,
+            k,
+            v,
+            attention_bias=b.cast(bias, kind),
+            past_key=past[i][0],
+            past_value=past[i][1],
+            past_sequence_length=past_length,
         )
-        b.output(present_k, f"present_key.{i}", TensorProto.FLOAT, ["rows", H, "capacity", dkv])
-        b.output(present_v, f"present_value.{i}", TensorProto.FLOAT, ["rows", H, "capacity", dkv])
-        x = b.node("Add", [x, b.linear(a, f"{p}.self_o")])
-        h = b.norm(x, f"{p}.cross_norm")
-        q = b.linear(h, f"{p}.cross_q")
+        b.output(present_k, f"present_key.{i}", _COMPUTE_TYPES[kind], ["rows", H, "capacity", dkv])
+        b.output(present_v, f"present_value.{i}", _COMPUTE_TYPES[kind], ["rows", H, "capacity", dkv])
+        x = b.node("Add", [x, b.to_fp32(b.linear(a, f"{p}.self_o"), kind)])
+        kind = b.types[f"{p}.cross"]
+        q = b.linear(b.cast(b.norm(x, f"{p}.cross_norm"), kind), f"{p}.cross_q")
         grouped = b.node("Reshape", [q, group_shape])
         a = b.attention(grouped, cross[i][0], cross[i][1], key_padding_mask=enc_mask)
         a = b.node("Reshape", [a, b.node("Shape", [q])])
-        x = b.node("Add", [x, b.linear(a, f"{p}.cross_o")])
-        x = b.node("Add", [x, b.feed_forward(b.norm(x, f"{p}.ff_norm"), p)])
+        x = b.node("Add", [x, b.to_fp32(b.linear(a, f"{p}.cross_o"), kind)])
+        x = b.feed_forward(x, p)
     hidden = b.norm(x, "decoder.final_norm")
     flat = b.node("Reshape", [hidden, b.const([-1, spec.d_model])])
     picked = b.node("Gather", [flat, select], axis=0)
-    b.output(b.linear(picked, "lm_head"), "logits", TensorProto.FLOAT, ["picked", spec.vocab_size])
+    kind = b.types["lm_head"]
+    logits = b.to_fp32(b.linear(b.cast(picked, kind), "lm_head"), kind)
+    b.output(logits, "logits", TensorProto.FLOAT, ["picked", spec.vocab_size])
     value = b.node("Add", [b.node("MatMul", [picked, b.weight("value_weight")]), b.weight("value_bias")])
     b.output(b.node("Squeeze", [value, b.const([1])]), "value", TensorProto.FLOAT, ["picked"])
     return b

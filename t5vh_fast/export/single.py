@@ -14,10 +14,13 @@ from ..weights import ModelSpec, checkpoint_params, plan_arrays
 from .graph import decoder_graph, encoder_graph, save
 
 
-def write_single_layout(model, out: Path, *, precision: str = "fp32") -> List[str]:
-    """Write the single layout of ``model`` (a ``T5HeadWithValueModel``) into ``out``; returns the file names."""
+def write_single_layout(model, out: Path, *, precision: str = "fp32", keep_fp32: tuple = ()) -> List[str]:
+    """Write the single layout of ``model`` (a ``T5HeadWithValueModel``) into ``out``; returns the file names.
+
+    ``keep_fp32``: sublayers whose matrices stay fp32 at a reduced ``precision``.
+    """
     spec = ModelSpec.from_config(model.config.to_dict())
-    arrays = plan_arrays(checkpoint_params(model.state_dict(), spec), spec, precision)
+    arrays = plan_arrays(checkpoint_params(model.state_dict(), spec), spec, precision, keep_fp32)
     files = save(encoder_graph(spec, arrays["encoder"]), out / ENCODER_GRAPH)
     files += save(decoder_graph(spec, arrays["decoder"]), out / DECODER_GRAPH)
     host = arrays["host"]

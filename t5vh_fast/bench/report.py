@@ -1,0 +1,303 @@
+"""Running the workers side by side, and the table, JSON and plot they become."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+from .systems import GPU_SYSTEMS, SYSTEMS
+from .workers import QUERY_LEN, SCORE_BATCH, SCORE_ROWS
+
+REDUCED = ("t5vh-int8", "ct2-int8", "ct2")  # the systems whose distribution gap to fp32 PyTorch is measured
+
+
+def machine_info(threads: int) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {}
+    for name in (
+        "t5vh_fast",
+        "torch",
+        "transformers",
+        "optimum",
+        "optimum-onnx",
+        "onnxruntime-gpu",
+        "onnxruntime",
+        "numpy",
+        "ctranslate2",
+    ):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    import onnxruntime as ort
+
+    from ..gpu import probe, visible_gpus
+
+    report = probe()
+    gpus = [f"{g.name} (compute capability {'.'.join(map(str, g.compute_capability))})" for g in visible_gpus(report)]
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": threads,
+        "gpus": gpus,
+        "driver": report.driver_version if report else None,
+        "providers": ort.get_available_providers(),
+        "python": platform.python_version(),
+        "versions": versions,
+    }
+
+
+def spawn(kind: str, spec: dict, cap: float) -> dict:
+    """Run a worker in a fresh interpreter; a run past ``cap`` seconds is reported, not waited for."""
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(spec["threads"]),
+        MKL_NUM_THREADS=str(spec["threads"]),
+        TOKENIZERS_PARALLELISM="false",
+    )
+    cmd = [sys.executable, "-m", "t5vh_fast.bench", kind, json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=cap, env=env)
+    except subprocess.TimeoutExpired:
+        return {**spec, "error": f"over the {cap:.0f} s cap"}
+    if proc.returncode != 0:
+        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+        return {**spec, "error": lines[-1] if lines else f"exit status {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_benchmark(
+    *,
+    workload: str = "sample",
+    base: dict,
+    systems: list,
+    batch_sizes: list = (),
+    new_tokens: int = 128,
+    rows: int = SCORE_ROWS,
+    cap: float,
+    progress: bool = True,
+) -> dict:
+    """Every system of ``systems`` in its own process, then the report as a dict.
+
+    ``base``: ``model_dir``, ``export_dir`` (fp32), ``int8_dir`` (when t5vh-int8
+    runs), ``cache_dir``, ``threads``. ``workload``: ``"sample"`` (every system at
+    every batch size) or ``"score"`` (every system on the same sorted batches).
+    """
+    from tqdm import tqdm
+
+    if workload == "score":
+        jobs = [("score", {**base, "system": s, "rows": rows}) for s in systems]
+    else:
+        jobs = [
+            ("run", {**base, "system": s, "batch": b, "new_tokens": new_tokens}) for b in batch_sizes for s in systems
+        ]
+    gaps = [s for s in REDUCED if s in systems and "int8" in " ".join(systems)]
+    results, extra = [], {}
+    with tqdm(total=len(jobs) + 3, disable=not progress, file=sys.stderr, unit="run") as bar:
+        if any(s.startswith("ct2") for s in systems):
+            bar.set_description("converting for CTranslate2")
+            spawn("convert", base, max(cap, 600))
+        bar.update()
+        if workload == "sample":
+            bar.set_description("bandwidth floor")
+            extra["floor"] = spawn("floor", base, cap)
+            bar.set_description("t5vh parity")
+            extra["parity"] = spawn("parity", base, cap)
+        bar.update()
+        if gaps:
+            bar.set_description("precision gaps")
+            extra["gaps"] = spawn("gap", {**base, "systems": gaps}, max(cap, 600))
+        bar.update()
+        for kind, spec in jobs:
+            bar.set_description(f"{spec['system']}" + (f" B={spec['batch']}" if "batch" in spec else ""))
+            results.append(spawn(kind, spec, cap))
+            bar.update()
+    if workload == "score":
+        shape = {"rows": rows, "batch_size": SCORE_BATCH, "query_tokens": "8-64", "response_tokens": "4-64"}
+    else:
+        shape = {"query_tokens": QUERY_LEN, "new_tokens": new_tokens, "top_k": 0, "top_p": 1.0}
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": machine_info(base["threads"]),
+        "workload": {"kind": workload, "batch_sizes": list(batch_sizes), **shape},
+        "systems": {s: SYSTEMS[s].description for s in systems},
+        "precision": {s: SYSTEMS[s].precision for s in systems},
+        "results": results,
+        **extra,
+    }
+
+
+def baseline_of(system: str) -> str:
+    """The t5vh system a system is compared with: same device, same precision."""
+    return SYSTEMS[system].baseline if system in SYSTEMS else "t5vh"
+
+
+def ratios(report: dict) -> list:
+    """(batch, other system, its t5vh baseline's tokens/s / its tokens/s) for every measured pair."""
+    by = {(r["system"], r.get("batch")): r for r in report["results"] if "error" not in r}
+    out = []
+    for (system, batch), r in sorted(by.items(), key=lambda kv: (kv[0][1] or 0, kv[0][0])):
+        ours = by.get((baseline_of(system), batch))
+        if ours and system != baseline_of(system):
+            out.append((batch, system, ours["tokens_per_s"] / r["tokens_per_s"]))
+    return out
+
+
+def markdown(report: dict) -> str:
+    m, w = report["machine"], report["workload"]
+    lines = [
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads; providers {', '.join(m['providers'])}",
+        *([f"GPU: {', '.join(m['gpus'])}; driver {m.get('driver')}"] if m.get("gpus") else []),
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
+    ]
+    precision = report.get("precision", {})
+    speedups = {(s, b): x for b, s, x in ratios(report)}
+    if w.get("kind") == "score":
+        lines += [
+            f"Workload: scoring {w['rows']} rows of {w['query_tokens']} query and {w['response_tokens']} response "
+            f"tokens, sorted by length, batches of {w['batch_size']}",
+            "",
+            "| system | precision | response tokens/s | rows/s | peak RSS MB | t5vh speed-up |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+        for r in sorted(report["results"], key=lambda r: r["system"]):
+            if "error" in r:
+                lines.append(f"| {r['system']} | {precision.get(r['system'], '')} | {r['error']} | | | |")
+                continue
+            x = speedups.get((r["system"], None))
+            lines.append(
+                f"| {r['system']} | {precision.get(r['system'], '')} | {r['tokens_per_s']:.0f} | {r['rows_per_s']:.1f} "
+                f"| {r['peak_rss_mb']:.0f} | {'' if x is None else f'{x:.2f}x'} |"
+            )
+    else:
+        lines += [
+            f"Workload: query {w['query_tokens']} tokens, exactly {w['new_tokens']} new tokens per row, top_k=0, top_p=1.0",
+            "",
+            "| system | precision | batch | tokens/s | ms/step p50 | ms/step p95 | first token ms | peak RSS MB | t5vh speed-up |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in sorted(report["results"], key=lambda r: (r["batch"], r["system"])):
+            p = precision.get(r["system"], "")
+            if "error" in r:
+                lines.append(f"| {r['system']} | {p} | {r['batch']} | {r['error']} | | | | | |")
+                continue
+            p95 = f"{r['step_ms_p95']:.2f}" if r["per_step_timed"] else "n/a (mean)"
+            x = speedups.get((r["system"], r["batch"]))
+            lines.append(
+                f"| {r['system']} | {p} | {r['batch']} | {r['tokens_per_s']:.0f} | {r['step_ms_p50']:.2f} | {p95} | "
+                f"{r['ttft_ms']:.0f} | {r['peak_rss_mb']:.0f} | {'' if x is None else f'{x:.2f}x'} |"
+            )
+    lines.append("")
+    lines.append("Systems: " + "; ".join(f"`{k}` = {v}" for k, v in report["systems"].items()))
+    lines.append(
+        "t5vh speed-up: the same-precision t5vh system's tokens/s over this one's "
+        "(t5vh for fp32, t5vh-int8 for int8"
+        + (", t5vh-cuda for the GPU systems)" if any(s in GPU_SYSTEMS for s in report["systems"]) else ")")
+    )
+    lines += _floor_lines(report) + _parity_lines(report) + _gap_lines(report)
+    return "\n".join(lines)
+
+
+def _floor_lines(report: dict) -> list:
+    f = report.get("floor", {})
+    if "floor_ms" not in f:
+        return []
+    ours = next(
+        (r for r in report["results"] if r["system"] == "t5vh" and r.get("batch") == 1 and "error" not in r), None
+    )
+    share = (
+        f", t5vh at batch 1: {ours['step_ms_p50']:.2f} ms/step = {100 * f['floor_ms'] / ours['step_ms_p50']:.0f}% of the floor"
+        if ours
+        else ""
+    )
+    return [
+        f"Bandwidth floor (batch 1): {f['weight_bytes'] / 1e6:.0f} MB of fp32 decoder + LM-head weights / "
+        f"{f['read_gb_s']:.1f} GB/s (onnxruntime MatMul streaming the same bytes; NumPy copy {f['copy_gb_s']:.1f} GB/s) "
+        f"= {f['floor_ms']:.2f} ms/step{share}"
+    ]
+
+
+def _parity_lines(report: dict) -> list:
+    p = report.get("parity", {})
+    if "identical_tokens" not in p:
+        return []
+    return [
+        f"t5vh parity vs PyTorch (shared uniforms, {p['rows']} rows x {p['tokens']} tokens): "
+        f"{p['identical_tokens']:.1%} identical tokens, max |logprob diff| {p['max_logprob_diff']:.1e}, "
+        f"max |value diff| {p['max_value_diff']:.1e}"
+    ]
+
+
+def _gap_lines(report: dict) -> list:
+    gaps = report.get("gaps") or {}
+    rows = [(name, g) for name, g in gaps.items() if isinstance(g, dict) and g.get("measured")]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "Distribution cost against the fp32 PyTorch model (the export's probe: 16 queries, 24 tokens sampled from fp32):",
+        "",
+        "| system | KL mean | KL max | max abs delta logprob | ratio p_fp32/p min..max | outside [0.8, 1.25] | token agreement |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, g in rows:
+        agreement = (
+            f"{g['token_agreement']:.1%} (first {g['first_token_agreement']:.1%})" if "token_agreement" in g else "n/a"
+        )
+        lines.append(
+            f"| {name} | {g['kl_mean']:.2e} | {g['kl_max']:.2e} | {g['max_abs_logprob_diff']:.2e} | "
+            f"{g['ratio_min']:.3f}..{g['ratio_max']:.3f} | {g['ratio_outside_band']:.2%} | {agreement} |"
+        )
+    return lines
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    w = report["workload"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if w.get("kind") == "score":
+        ok = [r for r in report["results"] if "error" not in r]
+        names = [r["system"] for r in ok]
+        ax.barh(names, [r["tokens_per_s"] for r in ok], color=["C0" if n.startswith("t5vh") else "C7" for n in names])
+        ax.set_xlabel("response tokens / s")
+        ax.set_title(f"Scoring {w['rows']} rows, batches of {w['batch_size']} ({report['machine']['threads']} threads)")
+    else:
+        for system in report["systems"]:
+            points = sorted(
+                (r["batch"], r["tokens_per_s"]) for r in report["results"] if r["system"] == system and "error" not in r
+            )
+            if points:
+                ax.plot(*zip(*points), marker="o", label=system, linewidth=2.5 if system.startswith("t5vh") else 1.2)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(w["batch_sizes"], [str(b) for b in w["batch_sizes"]])
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("new tokens / s")
+        ax.set_title(
+            f"Sampling {w['new_tokens']} tokens after a {w['query_tokens']}-token query "
+            f"({report['machine']['threads']} threads)"
+        )
+        ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
