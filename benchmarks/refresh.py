@@ -23,16 +23,23 @@ from pathlib import Path
 QUERY_LEN, BATCH, NEW_TOKENS = 64, 16, 128
 
 
-def rss_mb() -> float:
-    """This process's resident set now (MB)."""
+def _status_mb(field: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
 
+def rss_mb() -> float:
+    """This process's resident set now (MB)."""
+    return _status_mb("VmRSS")
+
+
 def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident set (MB). VmHWM, not ru_maxrss: Linux keeps ru_maxrss across fork and
+    exec, so a worker started by a parent that just built the demo model would report the parent's peak."""
+    peak = _status_mb("VmHWM")
+    return peak if peak == peak else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def refresh_worker(spec: dict) -> dict:
