@@ -261,7 +261,11 @@ class _ScoreInput(click.File):
     "--sort-window", type=int, default=16, show_default=True, help="Batches read ahead and sorted by length (1 = off)."
 )
 @click.option(
-    "--errors", "errors_path", default=None, help="Bad rows go here [default: OUTPUT.errors.jsonl, or stderr]."
+    "--errors",
+    "errors_path",
+    default=None,
+    help="Bad rows go here [default: OUTPUT.errors.jsonl, or stderr; for a directory OUTPUT, the directory "
+    "OUTPUT.errors].",
 )
 @click.option("--fail-fast", is_flag=True, help="Stop with an error at the first bad row.")
 @click.option("--providers", default="auto", show_default=True, help="auto, cpu, cuda or tensorrt.")
@@ -279,7 +283,8 @@ class _ScoreInput(click.File):
     default=None,
     metavar="[auto|ADDRESS]",
     help='Run on Ray Data (pip install "t5vh_fast[ray]"): auto joins the cluster RAY_ADDRESS or `ray start` names, '
-    "else starts one here; ADDRESS is a head node's host:port. INPUT_FILE may then be a directory of JSONL files.",
+    "else starts one here; ADDRESS is a head node's host:port (write --ray=ADDRESS, or put a bare --ray last: "
+    "it takes the next word as its ADDRESS). INPUT_FILE may then be a directory of JSONL files.",
 )
 @click.option(
     "--concurrency",
