@@ -56,18 +56,7 @@ class OnnxPolicy:
     def tokenizer(self):
         """The export's ``tokenizers.Tokenizer`` (``tokenizer.json``)."""
         if self._tokenizer is None:
-            path = self.root / "tokenizer.json"
-            if not path.is_file():
-                raise PathNotFound(f"{self.root} has no tokenizer.json: pass token ids instead of text")
-            from tokenizers import Tokenizer
-
-            try:
-                self._tokenizer = Tokenizer.from_file(str(path))
-            except Exception as exc:  # tokenizers raises a bare Exception for a damaged file
-                raise ExportError(
-                    f"{path} is not a readable tokenizer ({exc}): copy it again from the model directory, "
-                    "or re-export the model"
-                ) from None
+            self._tokenizer = read_tokenizer(self.root)
         return self._tokenizer
 
     def respond_to_batch(
@@ -248,6 +237,27 @@ class OnnxPolicy:
         """Text in, text out: ``respond_to_batch`` on the tokenized texts, decoded."""
         ids, mask = self.encode_text(texts, max_query_tokens=options.get("max_query_tokens", DEFAULT_MAX_QUERY_TOKENS))
         return self.decode_text(self.respond_to_batch(ids, mask, **options).tokens)
+
+
+def read_tokenizer(root: Path):
+    """The ``tokenizers.Tokenizer`` of an export (its ``tokenizer.json``)."""
+    path = Path(root) / "tokenizer.json"
+    if not path.is_file():
+        raise PathNotFound(f"{root} has no tokenizer.json: pass token ids instead of text")
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises a bare Exception for a damaged file
+        raise ExportError(
+            f"{path} is not a readable tokenizer ({exc}): copy it again from the model directory, "
+            "or re-export the model"
+        ) from None
+
+
+def read_config(root: Path) -> dict:
+    """An export's ``config.json``, checked to hold a ``vocab_size``."""
+    return _read_config(Path(root))
 
 
 def _read_config(root: Path) -> dict:
