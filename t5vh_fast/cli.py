@@ -252,14 +252,24 @@ def sample_command(
 # ---------------------------------------------------------------------- t5vh-score
 
 
+class _ScoreInput(click.File):
+    """A JSONL file, opened as ``click.File("rb")`` opens it, or (for ``--ray``) a directory: its path."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (str, Path)) and str(value) != "-" and os.path.isdir(value):
+            return Path(value)
+        return super().convert(value, param, ctx)
+
+
 @click.command(name="t5vh-score")
 @click.argument("export_dir", type=click.Path(path_type=Path))
-@click.argument("input_file", type=click.File("rb"))
+@click.argument("input_file", type=_ScoreInput("rb"))
 @click.option(
     "-o",
     "--output",
     required=True,
-    help="Output JSONL path, or - for stdout. An output this command wrote is resumed, with the same settings only.",
+    help="Output JSONL path, or - for stdout. An output this command wrote is resumed, with the same settings only. "
+    "With --ray, also a directory (one that exists, or a name ending in /): Ray writes part-*.jsonl files there.",
 )
 @click.option(
     "--ref", "ref_dir", type=click.Path(path_type=Path), default=None, help="Reference export for KL and reward."
@@ -276,11 +286,37 @@ def sample_command(
     "--sort-window", type=int, default=16, show_default=True, help="Batches read ahead and sorted by length (1 = off)."
 )
 @click.option(
-    "--errors", "errors_path", default=None, help="Bad rows go here [default: OUTPUT.errors.jsonl, or stderr]."
+    "--errors",
+    "errors_path",
+    default=None,
+    help="Bad rows go here [default: OUTPUT.errors.jsonl, or stderr; for a directory OUTPUT, the directory "
+    "OUTPUT.errors].",
 )
 @click.option("--fail-fast", is_flag=True, help="Stop with an error at the first bad row.")
 @click.option("--providers", default="auto", show_default=True, help="auto, cpu, cuda or tensorrt.")
-@click.option("--threads", type=int, default=None)
+@click.option(
+    "--threads",
+    type=int,
+    default=None,
+    help="onnxruntime threads (with --ray: per actor) [default: all cores; with --ray: 1].",
+)
+@click.option(
+    "--ray",
+    "ray_address",
+    is_flag=False,
+    flag_value="auto",
+    default=None,
+    metavar="[auto|ADDRESS]",
+    help='Run on Ray Data (pip install "t5vh_fast[ray]"): auto joins the cluster RAY_ADDRESS or `ray start` names, '
+    "else starts one here; ADDRESS is a head node's host:port (write --ray=ADDRESS, or put a bare --ray last: "
+    "it takes the next word as its ADDRESS). INPUT_FILE may then be a directory of JSONL files.",
+)
+@click.option(
+    "--concurrency",
+    type=int,
+    default=None,
+    help="With --ray: actors, each holding one loaded policy [default: one per GPU, else one per CPU less one].",
+)
 @user_errors
 def score_command(
     export_dir,
@@ -296,6 +332,8 @@ def score_command(
     fail_fast,
     providers,
     threads,
+    ray_address,
+    concurrency,
 ):
     """Score query/response pairs from a JSONL file: log-probs, values, KL, reward.
 
@@ -305,10 +343,37 @@ def score_command(
     new or written by this command with the same exports and options (they
     are recorded in OUTPUT.t5vh-job.json), and one job at a time writes it.
 
+    With --ray the same rows are scored by a pool of Ray actors into the same
+    records; INPUT_FILE and OUTPUT may be directories (see README, "Scaling
+    out on Ray").
+
     \b
     Example:
         t5vh-score demo-model-onnx rows.jsonl -o scored.jsonl --ref demo-model-onnx --beta 0.1
+        t5vh-score demo-model-onnx rows/ -o scored/ --ray
     """
+    if ray_address is not None:
+        return _score_on_ray(
+            export_dir,
+            input_file,
+            output,
+            ref_dir,
+            beta,
+            batch_size,
+            max_tokens,
+            max_query_tokens,
+            sort_window,
+            errors_path,
+            fail_fast,
+            providers,
+            threads,
+            ray_address,
+            concurrency,
+        )
+    if isinstance(input_file, Path):
+        raise click.ClickException(f"{input_file} is a directory: name a JSONL file, or pass --ray to read a directory")
+    if concurrency is not None:
+        raise click.BadParameter("only with --ray", param_hint="--concurrency")
     from . import load
     from .job import default_errors_path, run_job
 
@@ -334,6 +399,54 @@ def score_command(
     click.echo(summary.line(), err=True)
     if summary.rows_failed and not summary.rows_ok and not summary.rows_skipped:
         raise click.ClickException(f"every row failed: see {errors_path or 'stderr'}")
+
+
+def _score_on_ray(
+    export_dir,
+    input_file,
+    output,
+    ref_dir,
+    beta,
+    batch_size,
+    max_tokens,
+    max_query_tokens,
+    sort_window,
+    errors_path,
+    fail_fast,
+    providers,
+    threads,
+    ray_address,
+    concurrency,
+):
+    """``t5vh-score --ray``: the same job on Ray Data (``t5vh_fast.ray.run_job``)."""
+    if not isinstance(input_file, Path):
+        if input_file.name in ("-", "<stdin>") or not os.path.isfile(input_file.name):
+            raise click.ClickException("--ray reads files, not stdin: name the input file or directory")
+        input_file.close()
+        input_file = Path(input_file.name)
+    from .ray import run_job
+
+    summary, errors_at = run_job(
+        export_dir,
+        input_file,
+        output,
+        errors=errors_path,
+        ref_dir=ref_dir,
+        beta=beta,
+        batch_size=batch_size,
+        max_tokens=max_tokens,
+        max_query_tokens=max_query_tokens,
+        sort_window=sort_window,
+        fail_fast=fail_fast,
+        progress=_stderr_is_terminal(),
+        address=ray_address,
+        concurrency=concurrency,
+        providers=providers,
+        threads=threads,
+    )
+    click.echo(summary.line(), err=True)
+    if summary.rows_failed and not summary.rows_ok and not summary.rows_skipped:
+        raise click.ClickException(f"every row failed: see {errors_at or 'stderr'}")
 
 
 def _stderr_is_terminal() -> bool:

@@ -70,18 +70,7 @@ class OnnxPolicy:
     def tokenizer(self):
         """The export's ``tokenizers.Tokenizer`` (``tokenizer.json``)."""
         if self._tokenizer is None:
-            path = self.root / "tokenizer.json"
-            if not path.is_file():
-                raise PathNotFound(f"{self.root} has no tokenizer.json: pass token ids instead of text")
-            from tokenizers import Tokenizer
-
-            try:
-                self._tokenizer = Tokenizer.from_file(str(path))
-            except Exception as exc:  # tokenizers raises a bare Exception for a damaged file
-                raise ExportError(
-                    f"{path} is not a readable tokenizer ({exc}): copy it again from the model directory, "
-                    "or re-export the model"
-                ) from None
+            self._tokenizer = read_tokenizer(self.root)
         return self._tokenizer
 
     def respond_to_batch(
@@ -273,6 +262,27 @@ class OnnxPolicy:
         return self.decode_text(self.respond_to_batch(ids, mask, **options).tokens)
 
 
+def read_tokenizer(root: Path):
+    """The ``tokenizers.Tokenizer`` of an export (its ``tokenizer.json``)."""
+    path = Path(root) / "tokenizer.json"
+    if not path.is_file():
+        raise PathNotFound(f"{root} has no tokenizer.json: pass token ids instead of text")
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises a bare Exception for a damaged file
+        raise ExportError(
+            f"{path} is not a readable tokenizer ({exc}): copy it again from the model directory, "
+            "or re-export the model"
+        ) from None
+
+
+def read_config(root: Path) -> dict:
+    """An export's ``config.json``, checked to hold a ``vocab_size``."""
+    return _read_config(Path(root))
+
+
 def _read_config(root: Path) -> dict:
     path = root / "config.json"
     try:
@@ -303,6 +313,12 @@ def _check_precision_runs(precision: str, providers, cuda) -> None:
             f"this export's precision is {precision}, which {first} cannot run (it needs "
             f"{' or '.join(_PRECISION_PROVIDERS[precision])}): pass other providers, or {fix}"
         )
+
+
+def export_weights_version(export_dir, decoder: Optional[str] = None) -> str:
+    """The ``weights_version`` a policy loaded from ``export_dir`` (with ``decoder``) reports, without loading it."""
+    manifest = read_manifest(Path(export_dir).expanduser())
+    return _export_version(manifest, graph_files(decoder or default_layout(manifest)))
 
 
 def _export_version(manifest: dict, files) -> str:

@@ -16,7 +16,7 @@ from t5vh_fast.checkpoint import load_reference
 from t5vh_fast.demo import build_config, write_demo
 from t5vh_fast.errors import ExportError, InputError, NonFiniteError, OutputError, T5vhError
 from t5vh_fast.export import export
-from t5vh_fast.job import run_job, score_rows
+from t5vh_fast.job import job_fingerprint, run_job, score_rows
 from t5vh_fast.modeling import T5HeadWithValueModel
 
 from .conftest import mixed_queries, tol
@@ -337,3 +337,14 @@ def test_the_job_records_the_weights_and_refuses_to_resume_on_others(tmp_path, t
     summary = run_job(policy, src, out, ref_policy=ref)
     assert (summary.rows_ok, summary.rows_skipped) == (3, 3)
     assert {json.loads(line)["weights_version"] for line in out.read_text().splitlines()} == {new}
+
+
+def test_the_fingerprint_of_an_export_directory_is_that_of_its_fresh_load(tiny_export, other_model):
+    """t5vh-score --ray fingerprints the export directories its actors load: the same entries as a loaded policy."""
+    policy = t5vh_fast.load(tiny_export, providers="cpu")
+    assert job_fingerprint(tiny_export, tiny_export, beta=0.1) == job_fingerprint(policy, policy, beta=0.1)
+    policy.update_weights(other_model)
+    assert (
+        job_fingerprint(policy, beta=0.1)["policy_weights_version"]
+        != job_fingerprint(tiny_export, beta=0.1)["policy_weights_version"]
+    )
