@@ -13,33 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from t5vh_fast.bench import peak_rss_mb, rss_mb
+
 QUERY_LEN, BATCH, NEW_TOKENS = 64, 16, 128
-
-
-def _status_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def rss_mb() -> float:
-    """This process's resident set now (MB)."""
-    return _status_mb("VmRSS")
-
-
-def peak_mb() -> float:
-    """This process's peak resident set (MB). VmHWM, not ru_maxrss: Linux keeps ru_maxrss across fork and
-    exec, so a worker started by a parent that just built the demo model would report the parent's peak."""
-    peak = _status_mb("VmHWM")
-    return peak if peak == peak else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def refresh_worker(spec: dict) -> dict:
@@ -60,7 +42,7 @@ def refresh_worker(spec: dict) -> dict:
         "all_s": times,
         "rss_before_mb": before,
         "rss_after_mb": rss_mb(),
-        "peak_rss_mb": peak_mb(),
+        "peak_rss_mb": peak_rss_mb(),
         "weights_version": version,
     }
 
@@ -88,7 +70,7 @@ def export_worker(spec: dict) -> dict:
         "save_s": saved - start,
         "export_s": exported - saved,
         "load_s": loaded - exported,
-        "peak_rss_mb": peak_mb(),
+        "peak_rss_mb": peak_rss_mb(),
         "weights_version": policy.weights_version,
     }
 
@@ -107,7 +89,7 @@ def rollout_worker(spec: dict) -> dict:
         start = time.perf_counter()
         policy.respond_to_batch(ids, txt_len=NEW_TOKENS, seed=0)
         times.append(time.perf_counter() - start)
-    return {"seconds": min(times), "all_s": times, "peak_rss_mb": peak_mb()}
+    return {"seconds": min(times), "all_s": times, "peak_rss_mb": peak_rss_mb()}
 
 
 WORKERS = {"refresh": refresh_worker, "export": export_worker, "rollout": rollout_worker}
