@@ -292,6 +292,13 @@ class _ScoreInput(click.File):
     help="Bad rows go here [default: OUTPUT.errors.jsonl, or stderr; for a directory OUTPUT, the directory "
     "OUTPUT.errors].",
 )
+@click.option(
+    "--batch-tokens",
+    type=int,
+    default=None,
+    help="Also bound each batch by its padded tokens (rows x longest query + response): flat memory whatever "
+    "the lengths. A row alone over it goes to the errors file.",
+)
 @click.option("--fail-fast", is_flag=True, help="Stop with an error at the first bad row.")
 @click.option("--providers", default="auto", show_default=True, help="auto, cpu, cuda or tensorrt.")
 @click.option(
@@ -329,6 +336,7 @@ def score_command(
     max_query_tokens,
     sort_window,
     errors_path,
+    batch_tokens,
     fail_fast,
     providers,
     threads,
@@ -364,6 +372,7 @@ def score_command(
             max_query_tokens,
             sort_window,
             errors_path,
+            batch_tokens,
             fail_fast,
             providers,
             threads,
@@ -393,6 +402,7 @@ def score_command(
         max_tokens=max_tokens,
         max_query_tokens=max_query_tokens,
         sort_window=sort_window,
+        batch_tokens=batch_tokens,
         fail_fast=fail_fast,
         progress=_stderr_is_terminal(),
     )
@@ -412,6 +422,7 @@ def _score_on_ray(
     max_query_tokens,
     sort_window,
     errors_path,
+    batch_tokens,
     fail_fast,
     providers,
     threads,
@@ -437,6 +448,7 @@ def _score_on_ray(
         max_tokens=max_tokens,
         max_query_tokens=max_query_tokens,
         sort_window=sort_window,
+        batch_tokens=batch_tokens,
         fail_fast=fail_fast,
         progress=_stderr_is_terminal(),
         address=ray_address,

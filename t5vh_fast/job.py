@@ -184,6 +184,7 @@ def score_rows(
     max_tokens: int = 512,
     max_query_tokens: int = DEFAULT_MAX_QUERY_TOKENS,
     sort_window: int = 16,
+    batch_tokens: Optional[int] = None,
 ) -> Iterator[dict]:
     """Score an iterable of rows (dicts or JSON strings) lazily; yields one dict per row.
 
@@ -192,43 +193,89 @@ def score_rows(
     with ``ref_policy`` and ``reward`` when the row has a ``score``); bad rows give ``line, id, error``, and so does a row whose id an
     earlier row had. Rows are read ``batch_size * sort_window`` at a time and
     batched by length to cut padding, so output order is not input order:
-    match on ``id``. Options are checked here, when called, not when the
-    first row is read; a non-finite number raises ``NonFiniteError``.
+    match on ``id``. ``batch_tokens`` also bounds a batch by its padded size
+    (rows x longest query + longest response), so memory stays flat whatever
+    the lengths; a row alone over it is a bad row. Options are checked here,
+    when called, not when the first row is read; a non-finite number raises
+    ``NonFiniteError``.
     """
     _check_job_options(policy, ref_policy, beta, batch_size, max_tokens, max_query_tokens, sort_window)
+    check_batch_tokens(batch_tokens)
     parsed = _first_occurrences(
         parse_row(n, raw, policy=policy, max_tokens=max_tokens, max_query_tokens=max_query_tokens)
         for n, raw in enumerate(rows, start=1)
     )
-    batches = score_batches(policy, parsed, ref_policy, beta, int(batch_size), int(sort_window), max_query_tokens)
+    batches = score_batches(
+        policy, parsed, ref_policy, beta, int(batch_size), int(sort_window), max_query_tokens, batch_tokens
+    )
     return (record for batch in batches for _, record in batch)
 
 
 def score_batches(
-    policy, parsed: Iterable, ref_policy, beta: float, batch_size: int, sort_window: int, max_query_tokens: int
+    policy,
+    parsed: Iterable,
+    ref_policy,
+    beta: float,
+    batch_size: int,
+    sort_window: int,
+    max_query_tokens: int,
+    batch_tokens: Optional[int] = None,
 ) -> Iterator[list]:
     """Lists of ``(row, output record)`` for parsed rows (``Row`` or ``BadRow``, in input order):
     bad rows first, then length-sorted batches of each window of ``batch_size * sort_window`` rows."""
     return in_windows(
-        parsed, batch_size, sort_window, lambda batch: _score_batch(policy, batch, ref_policy, beta, max_query_tokens)
+        parsed,
+        batch_size,
+        sort_window,
+        lambda batch: _score_batch(policy, batch, ref_policy, beta, max_query_tokens),
+        batch_tokens,
     )
 
 
-def in_windows(parsed: Iterable, batch_size: int, sort_window: int, run) -> Iterator[list]:
+def in_windows(parsed: Iterable, batch_size: int, sort_window: int, run, batch_tokens: Optional[int] = None):
     """The job's length bucketing: read ``batch_size * sort_window`` rows, yield the bad ones with
-    their error records, then ``run(batch)`` (a list of records) on batches sorted by length."""
+    their error records, then ``run(batch)`` (a list of records) on batches sorted by length: at most
+    ``batch_size`` rows, and with ``batch_tokens`` at most that many padded tokens."""
     parsed = iter(parsed)
     while True:
         window = list(itertools.islice(parsed, batch_size * sort_window))
         if not window:
             return
-        bad = [(r, r.to_json()) for r in window if isinstance(r, BadRow)]
-        if bad:
-            yield bad
         good = sorted((r for r in window if isinstance(r, Row)), key=lambda r: (len(r.query_ids), len(r.response_ids)))
-        for start in range(0, len(good), batch_size):
-            batch = good[start : start + batch_size]
-            yield list(zip(batch, run(batch)))
+        batches = list(_token_batches(good, batch_size, batch_tokens))
+        bad = [r for r in window if isinstance(r, BadRow)] + [b[0] for b in batches if isinstance(b[0], BadRow)]
+        if bad:
+            yield [(r, r.to_json()) for r in sorted(bad, key=lambda r: r.line)]
+        for batch in batches:
+            if not isinstance(batch[0], BadRow):
+                yield list(zip(batch, run(batch)))
+
+
+def _token_batches(rows: list, batch_size: int, batch_tokens: Optional[int]) -> Iterator[list]:
+    """Consecutive (length-sorted) rows in batches of at most ``batch_size`` rows and, with ``batch_tokens``,
+    at most that many padded tokens; a row alone over the budget comes out as a one-``BadRow`` batch."""
+    batch: list = []
+    longest = (0, 0)
+    for row in rows:
+        size = (len(row.query_ids), len(row.response_ids))
+        if batch_tokens is not None and sum(size) > batch_tokens:
+            reason = f"too long for --batch-tokens {batch_tokens}: {size[0]} + {size[1]} tokens; raise --batch-tokens"
+            yield [BadRow(row.line, row.id, reason)]
+            continue
+        grown = (max(longest[0], size[0]), max(longest[1], size[1]))
+        full = len(batch) == batch_size or (batch_tokens is not None and (len(batch) + 1) * sum(grown) > batch_tokens)
+        if batch and full:
+            yield batch
+            batch, grown = [], size
+        batch.append(row)
+        longest = grown
+    if batch:
+        yield batch
+
+
+def check_batch_tokens(batch_tokens) -> None:
+    if batch_tokens is not None:
+        check_positive_int("batch_tokens", batch_tokens)
 
 
 def _score_batch(policy, batch: list, ref_policy, beta: float, max_query_tokens: int) -> list:
@@ -576,6 +623,7 @@ def run_job(
     max_tokens: int = 512,
     max_query_tokens: int = DEFAULT_MAX_QUERY_TOKENS,
     sort_window: int = 16,
+    batch_tokens: Optional[int] = None,
     fail_fast: bool = False,
     progress: bool = False,
 ) -> JobSummary:
@@ -587,8 +635,10 @@ def run_job(
     otherwise refuses to touch it. Bad rows go to ``errors_path`` (None =
     stderr) with their line number and reason. Output is flushed after every
     batch. With ``fail_fast`` the first bad row raises ``InputError``.
+    ``batch_tokens``: as in ``score_rows``.
     """
     _check_job_options(policy, ref_policy, beta, batch_size, max_tokens, max_query_tokens, sort_window)
+    check_batch_tokens(batch_tokens)
     output_path = None if output_path is None else Path(output_path)
     errors_path = None if errors_path is None else Path(errors_path)
     fingerprint = job_fingerprint(
@@ -612,7 +662,14 @@ def run_job(
                 yield parse_row(line_no, raw, policy=policy, max_tokens=max_tokens, max_query_tokens=max_query_tokens)
 
         batches = score_batches(
-            policy, _first_occurrences(pending()), ref_policy, beta, int(batch_size), int(sort_window), max_query_tokens
+            policy,
+            _first_occurrences(pending()),
+            ref_policy,
+            beta,
+            int(batch_size),
+            int(sort_window),
+            max_query_tokens,
+            batch_tokens,
         )
         write_batches((encode(batch) for batch in batches), files, summary, fail_fast=fail_fast, progress=progress)
     return summary

@@ -46,6 +46,7 @@ from .job import (
     _id_key,
     _input_lines,
     _read_job_file,
+    check_batch_tokens,
     complete_records,
     default_errors_path,
     encode,
@@ -324,7 +325,14 @@ class _Scorer(_Worker):
             later=self.later,
         )
         batches = score_batches(
-            self.policy, parsed, self.ref, o["beta"], o["batch_size"], o["sort_window"], o["max_query_tokens"]
+            self.policy,
+            parsed,
+            self.ref,
+            o["beta"],
+            o["batch_size"],
+            o["sort_window"],
+            o["max_query_tokens"],
+            o.get("batch_tokens"),
         )
         return _output_table([out for batch in batches for out in encode(batch)], skipped)
 
@@ -389,6 +397,7 @@ def score_dataset(
     max_tokens: int = 512,
     max_query_tokens: int = DEFAULT_MAX_QUERY_TOKENS,
     sort_window: int = 16,
+    batch_tokens: Optional[int] = None,
     concurrency: Optional[int] = None,
     providers: Union[str, Sequence[str]] = "auto",
     threads: Optional[int] = None,
@@ -421,6 +430,7 @@ def score_dataset(
     """
     vocab, ref_vocab = _check_exports(export_dir, ref_dir)
     _check_job_options(vocab, ref_vocab, beta, batch_size, max_tokens, max_query_tokens, sort_window)
+    check_batch_tokens(batch_tokens)
     resources, load_options = _actor_pool(providers, concurrency, num_cpus, threads)
     later = _later_duplicates(ds, export_dir, max_tokens, max_query_tokens) if "line" in _columns(ds) else None
     options = dict(
@@ -429,6 +439,7 @@ def score_dataset(
         max_tokens=int(max_tokens),
         max_query_tokens=int(max_query_tokens),
         sort_window=int(sort_window),
+        batch_tokens=batch_tokens,
     )
     done = _sorted_digests(_id_key(i) for i in skip_ids)
     return ds.map_batches(
@@ -694,6 +705,7 @@ def run_job(
     max_tokens: int = 512,
     max_query_tokens: int = DEFAULT_MAX_QUERY_TOKENS,
     sort_window: int = 16,
+    batch_tokens: Optional[int] = None,
     fail_fast: bool = False,
     progress: bool = False,
     address: Optional[str] = "auto",
@@ -715,6 +727,7 @@ def run_job(
     """
     vocab, ref_vocab = _check_exports(export_dir, ref_dir)
     _check_job_options(vocab, ref_vocab, beta, batch_size, max_tokens, max_query_tokens, sort_window)
+    check_batch_tokens(batch_tokens)
     check_positive_int("rows_per_file", rows_per_file)
     source = Path(input_path)
     if not source.exists():
@@ -740,6 +753,7 @@ def run_job(
         max_tokens=max_tokens,
         max_query_tokens=max_query_tokens,
         sort_window=sort_window,
+        batch_tokens=batch_tokens,
         concurrency=concurrency,
         providers=providers,
         threads=threads,
