@@ -206,7 +206,14 @@ def demo_run(size, cache_dir, txt_len, threads):
 @click.option("--top-k", type=int, default=0, show_default=True, help="0 = off.")
 @click.option("--top-p", type=float, default=1.0, show_default=True, help="1.0 = off.")
 @click.option("--seed", type=int, default=None, help="Seed for reproducible samples.")
-@click.option("-n", "--num-return-sequences", type=int, default=1, show_default=True)
+@click.option(
+    "-n",
+    "--num-return-sequences",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Responses per text (one encoder pass).",
+)
 @click.option("--providers", default="auto", show_default=True, help="auto, cpu, cuda or tensorrt.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines with tokens, logprobs and values.")
 @click.option(
@@ -227,13 +234,20 @@ def sample_command(
     if num_return_sequences < 1:
         raise click.BadParameter(f"must be >= 1, got {num_return_sequences}", param_hint="--num-return-sequences")
     policy = load(export_dir, providers=providers)
-    repeated = [t for t in texts for _ in range(num_return_sequences)]
-    ids, mask = policy.encode_text(repeated, max_query_tokens=max_query_tokens)
-    rollout = policy.respond_to_batch(
-        ids, mask, txt_len=txt_len, top_k=top_k, top_p=top_p, seed=seed, max_query_tokens=max_query_tokens
+    ids, mask = policy.encode_text(texts, max_query_tokens=max_query_tokens)
+    rollout = policy.respond_to_batch(  # the encoder runs once per text, for all its samples
+        ids,
+        mask,
+        txt_len=txt_len,
+        top_k=top_k,
+        top_p=top_p,
+        num_samples=num_return_sequences,
+        seed=seed,
+        max_query_tokens=max_query_tokens,
     )
     responses = policy.decode_text(rollout.tokens)
-    for row, (text, response) in enumerate(zip(repeated, responses)):
+    for row, response in enumerate(responses):
+        text = texts[rollout.query_index[row]]
         if as_json:
             record = {
                 "query": text,
@@ -241,6 +255,8 @@ def sample_command(
                 "response_ids": rollout.tokens[row].tolist(),
                 "logprobs": rollout.logprobs[row].tolist(),
                 "values": rollout.values[row].tolist(),
+                "weights_version": rollout.weights_version,
+                "precision": rollout.precision,
             }
             click.echo(json.dumps(record))
         else:
