@@ -70,6 +70,9 @@ setup(
         # TensorRT 10 for providers="tensorrt" (onnxruntime-gpu 1.31 links libnvinfer.so.10, not 11). PyPI has
         # a stub of it that fetches the wheel from NVIDIA's own package index at install time.
         "tensorrt": [f"tensorrt-cu13-libs>=10.13,<11; {_GPU_WHEELS}"],
+        # Batch scoring and rollouts on Ray Data (t5vh_fast.ray, t5vh-score --ray). Tested with 2.60; 2.51 is where
+        # map_batches(compute=ActorPoolStrategy(...)), which t5vh_fast.ray uses, became the recommended form.
+        "ray": ["ray[data]>=2.51,<3"],
     },
     entry_points={
         "console_scripts": [

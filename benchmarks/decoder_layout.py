@@ -1,4 +1,4 @@
-"""Split vs merged decoder graphs: rollout speed and peak RSS, each in its own process.
+"""Every decoder layout (single, split, merged): rollout speed and peak RSS, each in its own process.
 
 python benchmarks/decoder_layout.py [--size small] [--batch-sizes 1,16,64] [--new-tokens 128]
 """
@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
+
+from t5vh_fast.bench import peak_rss_mb
 
 
 def worker(export_dir: str, layout: str, batch: int, new_tokens: int, threads: int) -> None:
@@ -19,7 +20,7 @@ def worker(export_dir: str, layout: str, batch: int, new_tokens: int, threads: i
     import t5vh_fast
 
     policy = t5vh_fast.load(export_dir, providers="cpu", threads=threads, decoder=layout)
-    loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    loaded = peak_rss_mb()
     ids = np.random.default_rng(0).integers(3, 32000, size=(batch, 64))
     ids[:, -1] = 1
     policy.respond_to_batch(ids, txt_len=4, seed=0)
@@ -33,7 +34,7 @@ def worker(export_dir: str, layout: str, batch: int, new_tokens: int, threads: i
             {
                 "tokens_per_s": batch * new_tokens / best,
                 "rss_after_load_mb": loaded,
-                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "peak_rss_mb": peak_rss_mb(),
             }
         )
     )

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from t5vh_fast.bench import peak_rss_mb
 
 
 def make_rows(path: Path, n: int, vocab: int, seed: int = 0) -> None:
@@ -42,7 +43,7 @@ def worker(export_dir: str, src: str, out: str, batch_size: int, sort_window: in
                 "seconds": summary.elapsed_s,
                 "rows_per_s": summary.rows_ok / summary.elapsed_s,
                 "tokens_per_s": summary.tokens / summary.elapsed_s,
-                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "peak_rss_mb": peak_rss_mb(),
             }
         )
     )

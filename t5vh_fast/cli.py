@@ -206,7 +206,14 @@ def demo_run(size, cache_dir, txt_len, threads):
 @click.option("--top-k", type=int, default=0, show_default=True, help="0 = off.")
 @click.option("--top-p", type=float, default=1.0, show_default=True, help="1.0 = off.")
 @click.option("--seed", type=int, default=None, help="Seed for reproducible samples.")
-@click.option("-n", "--num-return-sequences", type=int, default=1, show_default=True)
+@click.option(
+    "-n",
+    "--num-return-sequences",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Responses per text (one encoder pass).",
+)
 @click.option("--providers", default="auto", show_default=True, help="auto, cpu, cuda or tensorrt.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines with tokens, logprobs and values.")
 @click.option(
@@ -227,13 +234,20 @@ def sample_command(
     if num_return_sequences < 1:
         raise click.BadParameter(f"must be >= 1, got {num_return_sequences}", param_hint="--num-return-sequences")
     policy = load(export_dir, providers=providers)
-    repeated = [t for t in texts for _ in range(num_return_sequences)]
-    ids, mask = policy.encode_text(repeated, max_query_tokens=max_query_tokens)
-    rollout = policy.respond_to_batch(
-        ids, mask, txt_len=txt_len, top_k=top_k, top_p=top_p, seed=seed, max_query_tokens=max_query_tokens
+    ids, mask = policy.encode_text(texts, max_query_tokens=max_query_tokens)
+    rollout = policy.respond_to_batch(  # the encoder runs once per text, for all its samples
+        ids,
+        mask,
+        txt_len=txt_len,
+        top_k=top_k,
+        top_p=top_p,
+        num_samples=num_return_sequences,
+        seed=seed,
+        max_query_tokens=max_query_tokens,
     )
     responses = policy.decode_text(rollout.tokens)
-    for row, (text, response) in enumerate(zip(repeated, responses)):
+    for row, response in enumerate(responses):
+        text = texts[rollout.query_index[row]]
         if as_json:
             record = {
                 "query": text,
@@ -241,6 +255,8 @@ def sample_command(
                 "response_ids": rollout.tokens[row].tolist(),
                 "logprobs": rollout.logprobs[row].tolist(),
                 "values": rollout.values[row].tolist(),
+                "weights_version": rollout.weights_version,
+                "precision": rollout.precision,
             }
             click.echo(json.dumps(record))
         else:
@@ -252,14 +268,24 @@ def sample_command(
 # ---------------------------------------------------------------------- t5vh-score
 
 
+class _ScoreInput(click.File):
+    """A JSONL file, opened as ``click.File("rb")`` opens it, or (for ``--ray``) a directory: its path."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (str, Path)) and str(value) != "-" and os.path.isdir(value):
+            return Path(value)
+        return super().convert(value, param, ctx)
+
+
 @click.command(name="t5vh-score")
 @click.argument("export_dir", type=click.Path(path_type=Path))
-@click.argument("input_file", type=click.File("rb"))
+@click.argument("input_file", type=_ScoreInput("rb"))
 @click.option(
     "-o",
     "--output",
     required=True,
-    help="Output JSONL path, or - for stdout. An output this command wrote is resumed, with the same settings only.",
+    help="Output JSONL path, or - for stdout. An output this command wrote is resumed, with the same settings only. "
+    "With --ray, also a directory (one that exists, or a name ending in /): Ray writes part-*.jsonl files there.",
 )
 @click.option(
     "--ref", "ref_dir", type=click.Path(path_type=Path), default=None, help="Reference export for KL and reward."
@@ -276,11 +302,44 @@ def sample_command(
     "--sort-window", type=int, default=16, show_default=True, help="Batches read ahead and sorted by length (1 = off)."
 )
 @click.option(
-    "--errors", "errors_path", default=None, help="Bad rows go here [default: OUTPUT.errors.jsonl, or stderr]."
+    "--errors",
+    "errors_path",
+    default=None,
+    help="Bad rows go here [default: OUTPUT.errors.jsonl, or stderr; for a directory OUTPUT, the directory "
+    "OUTPUT.errors].",
+)
+@click.option(
+    "--batch-tokens",
+    type=int,
+    default=None,
+    help="Also bound each batch by its padded tokens (rows x longest query + response): flat memory whatever "
+    "the lengths. A row alone over it goes to the errors file.",
 )
 @click.option("--fail-fast", is_flag=True, help="Stop with an error at the first bad row.")
 @click.option("--providers", default="auto", show_default=True, help="auto, cpu, cuda or tensorrt.")
-@click.option("--threads", type=int, default=None)
+@click.option(
+    "--threads",
+    type=int,
+    default=None,
+    help="onnxruntime threads (with --ray: per actor) [default: all cores; with --ray: 1].",
+)
+@click.option(
+    "--ray",
+    "ray_address",
+    is_flag=False,
+    flag_value="auto",
+    default=None,
+    metavar="[auto|ADDRESS]",
+    help='Run on Ray Data (pip install "t5vh_fast[ray]"): auto joins the cluster RAY_ADDRESS or `ray start` names, '
+    "else starts one here; ADDRESS is a head node's host:port (write --ray=ADDRESS, or put a bare --ray last: "
+    "it takes the next word as its ADDRESS). INPUT_FILE may then be a directory of JSONL files.",
+)
+@click.option(
+    "--concurrency",
+    type=int,
+    default=None,
+    help="With --ray: actors, each holding one loaded policy [default: one per GPU, else one per CPU less one].",
+)
 @user_errors
 def score_command(
     export_dir,
@@ -293,9 +352,12 @@ def score_command(
     max_query_tokens,
     sort_window,
     errors_path,
+    batch_tokens,
     fail_fast,
     providers,
     threads,
+    ray_address,
+    concurrency,
 ):
     """Score query/response pairs from a JSONL file: log-probs, values, KL, reward.
 
@@ -305,10 +367,38 @@ def score_command(
     new or written by this command with the same exports and options (they
     are recorded in OUTPUT.t5vh-job.json), and one job at a time writes it.
 
+    With --ray the same rows are scored by a pool of Ray actors into the same
+    records; INPUT_FILE and OUTPUT may be directories (see README, "Scaling
+    out on Ray").
+
     \b
     Example:
         t5vh-score demo-model-onnx rows.jsonl -o scored.jsonl --ref demo-model-onnx --beta 0.1
+        t5vh-score demo-model-onnx rows/ -o scored/ --ray
     """
+    if ray_address is not None:
+        return _score_on_ray(
+            export_dir,
+            input_file,
+            output,
+            ref_dir,
+            beta,
+            batch_size,
+            max_tokens,
+            max_query_tokens,
+            sort_window,
+            errors_path,
+            batch_tokens,
+            fail_fast,
+            providers,
+            threads,
+            ray_address,
+            concurrency,
+        )
+    if isinstance(input_file, Path):
+        raise click.ClickException(f"{input_file} is a directory: name a JSONL file, or pass --ray to read a directory")
+    if concurrency is not None:
+        raise click.BadParameter("only with --ray", param_hint="--concurrency")
     from . import load
     from .job import default_errors_path, run_job
 
@@ -328,12 +418,63 @@ def score_command(
         max_tokens=max_tokens,
         max_query_tokens=max_query_tokens,
         sort_window=sort_window,
+        batch_tokens=batch_tokens,
         fail_fast=fail_fast,
         progress=_stderr_is_terminal(),
     )
     click.echo(summary.line(), err=True)
     if summary.rows_failed and not summary.rows_ok and not summary.rows_skipped:
         raise click.ClickException(f"every row failed: see {errors_path or 'stderr'}")
+
+
+def _score_on_ray(
+    export_dir,
+    input_file,
+    output,
+    ref_dir,
+    beta,
+    batch_size,
+    max_tokens,
+    max_query_tokens,
+    sort_window,
+    errors_path,
+    batch_tokens,
+    fail_fast,
+    providers,
+    threads,
+    ray_address,
+    concurrency,
+):
+    """``t5vh-score --ray``: the same job on Ray Data (``t5vh_fast.ray.run_job``)."""
+    if not isinstance(input_file, Path):
+        if input_file.name in ("-", "<stdin>") or not os.path.isfile(input_file.name):
+            raise click.ClickException("--ray reads files, not stdin: name the input file or directory")
+        input_file.close()
+        input_file = Path(input_file.name)
+    from .ray import run_job
+
+    summary, errors_at = run_job(
+        export_dir,
+        input_file,
+        output,
+        errors=errors_path,
+        ref_dir=ref_dir,
+        beta=beta,
+        batch_size=batch_size,
+        max_tokens=max_tokens,
+        max_query_tokens=max_query_tokens,
+        sort_window=sort_window,
+        batch_tokens=batch_tokens,
+        fail_fast=fail_fast,
+        progress=_stderr_is_terminal(),
+        address=ray_address,
+        concurrency=concurrency,
+        providers=providers,
+        threads=threads,
+    )
+    click.echo(summary.line(), err=True)
+    if summary.rows_failed and not summary.rows_ok and not summary.rows_skipped:
+        raise click.ClickException(f"every row failed: see {errors_at or 'stderr'}")
 
 
 def _stderr_is_terminal() -> bool:

@@ -163,13 +163,12 @@ def demo_export(size: str, cache_dir: Path, *, precision: str = "fp32", log=lamb
     """The demo model's export (at ``precision``) in ``cache_dir``, built (deterministically) on first use."""
     from .errors import ExportError
     from .export import default_output_dir, export
-    from .manifest import FORMAT_VERSION, read_manifest
+    from .manifest import read_manifest
 
     model_dir = cache_dir / f"demo-{size}"
     export_dir = default_output_dir(model_dir, precision)
     try:
-        current = read_manifest(export_dir)["format_version"] == FORMAT_VERSION
-        if current and (model_dir / "config.json").is_file():
+        if _current(read_manifest(export_dir), export_dir) and (model_dir / "config.json").is_file():
             return export_dir
     except (FileNotFoundError, ExportError):
         pass
@@ -177,3 +176,17 @@ def demo_export(size: str, cache_dir: Path, *, precision: str = "fp32", log=lamb
         log(f"building the {size} demo model in {model_dir} ...")
         write_demo(model_dir, size=size, force=True)
     return export(model_dir, export_dir, force=True, precision=precision, log=log)
+
+
+def _current(manifest: dict, export_dir: Path) -> bool:
+    """Whether a cached export is what this t5vh_fast would write: format and single-layout tensor plan."""
+    import json
+
+    from .manifest import FORMAT_VERSION
+    from .weights import ModelSpec, plan_record
+
+    if manifest.get("format_version") != FORMAT_VERSION:
+        return False
+    spec = ModelSpec.from_config(json.loads((export_dir / "config.json").read_text()))
+    plan = plan_record(spec, manifest.get("precision", "fp32"), tuple(manifest.get("kept_fp32", ())))
+    return manifest.get("weights", {}).get("single") == plan

@@ -55,3 +55,11 @@ class NonFiniteError(T5vhError, FloatingPointError):
     def __init__(self, message: str, *, row=None):
         super().__init__(message)
         self.row = row
+
+
+class DependencyError(T5vhError, ImportError):
+    """An optional dependency (an extra such as ``t5vh_fast[ray]``) that is not installed."""
+
+
+class ClusterError(T5vhError, ConnectionError):
+    """A Ray cluster that cannot be reached or joined."""

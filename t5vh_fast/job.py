@@ -1,8 +1,9 @@
 """Batch scoring of JSONL rows (DESIGN.md §6): streaming, length-bucketed, restartable.
 
 ``score_rows`` is the library entry point (an iterator of dicts in, an iterator
-of dicts out) for Ray/Spark-style jobs; ``run_job`` adds the files: output and
-errors JSONL, resume after a crash, progress and a summary.
+of dicts out); ``run_job`` adds the files: output and errors JSONL, resume after
+a crash, progress and a summary. ``t5vh_fast.ray`` runs the same pieces
+(``parse_row``, ``score_batches``, the records, the writer) on Ray Data.
 
 What ``run_job`` may do to files (docs/contract.md, "Batch scoring"): input,
 output and errors are three different files; only a regular output file is
@@ -31,12 +32,13 @@ import numpy as np
 from ._files import exclusive_lock, is_regular_or_missing, same_regular_file, sha256_file, write_json_atomic
 from .errors import InputError, NonFiniteError, OutputError, PathNotFound
 from .inputs import DEFAULT_MAX_QUERY_TOKENS, check_positive_int, check_text, is_integer, pad_batch
-from .manifest import MANIFEST_NAME
+from .manifest import MANIFEST_NAME, read_manifest
 from .scoring import check_beta, reward
 
 JOB_FILE_SUFFIX = ".t5vh-job.json"  # the fingerprint beside an output: OUTPUT.t5vh-job.json
 JOB_FILE_FORMAT = 1
 MAX_LINE_BYTES = 1 << 24  # a longer input line is a bad row, read in pieces: memory stays bounded
+DUPLICATE_ID = "duplicate id: an earlier row has the same id"
 
 
 @dataclass(frozen=True)
@@ -48,34 +50,26 @@ class Row:
     query_ids: list
     response_ids: list
     score: Optional[float]  # the reward model's score, when given
+    file: Optional[str] = None  # the input file, when the input is a directory of files (Ray)
 
 
 @dataclass(frozen=True)
 class BadRow:
-    line: int
-    id: object
-    reason: str
+    line: int  # 1-based line number in its input file
+    id: object  # the row's id when it has a usable one, else None
+    reason: str  # what is wrong with it
+    file: Optional[str] = None  # the input file, when the input is a directory of files (Ray)
 
     def to_json(self) -> dict:
-        return {"line": self.line, "id": self.id, "error": self.reason}
+        where = {"line": self.line} if self.file is None else {"file": self.file, "line": self.line}
+        return {**where, "id": self.id, "error": self.reason}
 
 
 def parse_row(line_no: int, raw, *, policy, max_tokens: int, max_query_tokens: int = DEFAULT_MAX_QUERY_TOKENS):
     """A ``Row`` or a ``BadRow`` saying what is wrong with it; ``raw`` is a dict or a JSON string."""
-    if isinstance(raw, str):
-        raw = load_json(line_no, raw)
-        if isinstance(raw, BadRow):
-            return raw
-    if not isinstance(raw, dict):
-        return BadRow(line_no, None, f"a row must be a JSON object, got {type(raw).__name__}")
-    row_id = raw.get("id")
-    row_id = row_id.item() if isinstance(row_id, np.generic) else row_id
-    if row_id is None:
-        return BadRow(line_no, None, "missing field 'id'")
-    try:
-        _id_key(row_id)
-    except (TypeError, ValueError):
-        return BadRow(line_no, None, f"'id' must be a string or a finite number, got {row_id!r:.60}")
+    raw, row_id = _object_and_id(line_no, raw)
+    if isinstance(raw, BadRow):
+        return raw
     try:
         query = _tokens(raw, "query", policy, add_eos=True, max_tokens=max_tokens)
         response = _tokens(raw, "response", policy, add_eos=False, max_tokens=max_tokens)
@@ -103,6 +97,47 @@ def parse_row(line_no: int, raw, *, policy, max_tokens: int, max_query_tokens: i
     return Row(line_no, row_id, query, response, None if score is None else float(score))
 
 
+def parse_query(line_no: int, raw, *, policy, max_query_tokens: int = DEFAULT_MAX_QUERY_TOKENS):
+    """A ``Row`` without a response (``response_ids`` empty), or a ``BadRow``: a query to sample a
+    response for. The same fields and checks as ``parse_row``, less the response's."""
+    raw, row_id = _object_and_id(line_no, raw)
+    if isinstance(raw, BadRow):
+        return raw
+    try:
+        query = _tokens(
+            raw, "query", policy, add_eos=True, max_tokens=max_query_tokens, limit_name="--max-query-tokens"
+        )
+    except ValueError as exc:
+        return BadRow(line_no, row_id, str(exc))
+    if not query:
+        return BadRow(line_no, row_id, "empty query")
+    bad = [t for t in query if not (0 <= t < policy.vocab_size)]
+    if bad:
+        return BadRow(line_no, row_id, f"query token id {bad[0]} is outside the vocabulary [0, {policy.vocab_size})")
+    if len(query) > max_query_tokens:
+        return BadRow(line_no, row_id, f"query too long: {len(query)} tokens > --max-query-tokens {max_query_tokens}")
+    return Row(line_no, row_id, query, [], None)
+
+
+def _object_and_id(line_no: int, raw):
+    """``(row dict, id)`` of a raw row (a dict or a JSON string), or ``(BadRow, None)``."""
+    if isinstance(raw, str):
+        raw = load_json(line_no, raw)
+        if isinstance(raw, BadRow):
+            return raw, None
+    if not isinstance(raw, dict):
+        return BadRow(line_no, None, f"a row must be a JSON object, got {type(raw).__name__}"), None
+    row_id = raw.get("id")
+    row_id = row_id.item() if isinstance(row_id, np.generic) else row_id
+    if row_id is None:
+        return BadRow(line_no, None, "missing field 'id'"), None
+    try:
+        _id_key(row_id)
+    except (TypeError, ValueError):
+        return BadRow(line_no, None, f"'id' must be a string or a finite number, got {row_id!r:.60}"), None
+    return raw, row_id
+
+
 def load_json(line_no: int, text: str):
     """The JSON value of one input line, or a ``BadRow``. NaN and infinities are refused: they are
     not JSON, and an id or score holding one would be written back as invalid JSON."""
@@ -125,7 +160,7 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def _tokens(raw: dict, name: str, policy, *, add_eos: bool, max_tokens: int) -> list:
+def _tokens(raw: dict, name: str, policy, *, add_eos: bool, max_tokens: int, limit_name: str = "--max-tokens") -> list:
     ids = raw.get(f"{name}_ids")
     if ids is not None:
         ids = ids.tolist() if isinstance(ids, np.ndarray) else ids
@@ -135,7 +170,7 @@ def _tokens(raw: dict, name: str, policy, *, add_eos: bool, max_tokens: int) -> 
     text = raw.get(name)
     if text is None:
         raise ValueError(f"missing field '{name}' or '{name}_ids'")
-    check_text(text, f"'{name}'", max_tokens=max_tokens, limit_name="--max-tokens")
+    check_text(text, f"'{name}'", max_tokens=max_tokens, limit_name=limit_name)
     return policy.tokenizer.encode(text, add_special_tokens=add_eos).ids
 
 
@@ -149,39 +184,98 @@ def score_rows(
     max_tokens: int = 512,
     max_query_tokens: int = DEFAULT_MAX_QUERY_TOKENS,
     sort_window: int = 16,
+    batch_tokens: Optional[int] = None,
 ) -> Iterator[dict]:
     """Score an iterable of rows (dicts or JSON strings) lazily; yields one dict per row.
 
-    Good rows give ``id, response_ids, logprobs, values, entropy`` (plus
-    ``ref_logprobs, kl`` with ``ref_policy`` and ``reward`` when the row has a
-    ``score``); bad rows give ``line, id, error``, and so does a row whose id an
+    Good rows give ``id, response_ids, logprobs, values, entropy,
+    weights_version, precision`` (plus ``ref_logprobs, kl, ref_weights_version``
+    with ``ref_policy`` and ``reward`` when the row has a ``score``); bad rows give ``line, id, error``, and so does a row whose id an
     earlier row had. Rows are read ``batch_size * sort_window`` at a time and
     batched by length to cut padding, so output order is not input order:
-    match on ``id``. Options are checked here, when called, not when the
-    first row is read; a non-finite number raises ``NonFiniteError``.
+    match on ``id``. ``batch_tokens`` also bounds a batch by its padded size
+    (rows x longest query + longest response), so memory stays flat whatever
+    the lengths; a row alone over it is a bad row. Options are checked here,
+    when called, not when the first row is read; a non-finite number raises
+    ``NonFiniteError``.
     """
     _check_job_options(policy, ref_policy, beta, batch_size, max_tokens, max_query_tokens, sort_window)
+    check_batch_tokens(batch_tokens)
     parsed = _first_occurrences(
         parse_row(n, raw, policy=policy, max_tokens=max_tokens, max_query_tokens=max_query_tokens)
         for n, raw in enumerate(rows, start=1)
     )
-    batches = _batches(policy, parsed, ref_policy, beta, int(batch_size), int(sort_window), max_query_tokens)
+    batches = score_batches(
+        policy, parsed, ref_policy, beta, int(batch_size), int(sort_window), max_query_tokens, batch_tokens
+    )
     return (record for batch in batches for _, record in batch)
 
 
-def _batches(policy, parsed: Iterator, ref_policy, beta: float, batch_size: int, sort_window: int, max_query_tokens):
-    """Lists of ``(row, output record)``: bad rows first, then length-sorted batches of each window."""
+def score_batches(
+    policy,
+    parsed: Iterable,
+    ref_policy,
+    beta: float,
+    batch_size: int,
+    sort_window: int,
+    max_query_tokens: int,
+    batch_tokens: Optional[int] = None,
+) -> Iterator[list]:
+    """Lists of ``(row, output record)`` for parsed rows (``Row`` or ``BadRow``, in input order):
+    bad rows first, then length-sorted batches of each window of ``batch_size * sort_window`` rows."""
+    return in_windows(
+        parsed,
+        batch_size,
+        sort_window,
+        lambda batch: _score_batch(policy, batch, ref_policy, beta, max_query_tokens),
+        batch_tokens,
+    )
+
+
+def in_windows(parsed: Iterable, batch_size: int, sort_window: int, run, batch_tokens: Optional[int] = None):
+    """The job's length bucketing: read ``batch_size * sort_window`` rows, yield the bad ones with
+    their error records, then ``run(batch)`` (a list of records) on batches sorted by length: at most
+    ``batch_size`` rows, and with ``batch_tokens`` at most that many padded tokens."""
+    parsed = iter(parsed)
     while True:
         window = list(itertools.islice(parsed, batch_size * sort_window))
         if not window:
             return
-        bad = [(r, r.to_json()) for r in window if isinstance(r, BadRow)]
-        if bad:
-            yield bad
         good = sorted((r for r in window if isinstance(r, Row)), key=lambda r: (len(r.query_ids), len(r.response_ids)))
-        for start in range(0, len(good), batch_size):
-            batch = good[start : start + batch_size]
-            yield list(zip(batch, _score_batch(policy, batch, ref_policy, beta, max_query_tokens)))
+        batches = list(_token_batches(good, batch_size, batch_tokens))
+        bad = [r for r in window if isinstance(r, BadRow)] + [b[0] for b in batches if isinstance(b[0], BadRow)]
+        if bad:
+            yield [(r, r.to_json()) for r in sorted(bad, key=lambda r: r.line)]
+        for batch in batches:
+            if not isinstance(batch[0], BadRow):
+                yield list(zip(batch, run(batch)))
+
+
+def _token_batches(rows: list, batch_size: int, batch_tokens: Optional[int]) -> Iterator[list]:
+    """Consecutive (length-sorted) rows in batches of at most ``batch_size`` rows and, with ``batch_tokens``,
+    at most that many padded tokens; a row alone over the budget comes out as a one-``BadRow`` batch."""
+    batch: list = []
+    longest = (0, 0)
+    for row in rows:
+        size = (len(row.query_ids), len(row.response_ids))
+        if batch_tokens is not None and sum(size) > batch_tokens:
+            reason = f"too long for --batch-tokens {batch_tokens}: {size[0]} + {size[1]} tokens; raise --batch-tokens"
+            yield [BadRow(row.line, row.id, reason)]
+            continue
+        grown = (max(longest[0], size[0]), max(longest[1], size[1]))
+        full = len(batch) == batch_size or (batch_tokens is not None and (len(batch) + 1) * sum(grown) > batch_tokens)
+        if batch and full:
+            yield batch
+            batch, grown = [], size
+        batch.append(row)
+        longest = grown
+    if batch:
+        yield batch
+
+
+def check_batch_tokens(batch_tokens) -> None:
+    if batch_tokens is not None:
+        check_positive_int("batch_tokens", batch_tokens)
 
 
 def _score_batch(policy, batch: list, ref_policy, beta: float, max_query_tokens: int) -> list:
@@ -200,11 +294,15 @@ def _score_batch(policy, batch: list, ref_policy, beta: float, max_query_tokens:
             "logprobs": scores.logprobs[i, :n].tolist(),
             "values": scores.values[i, :n].tolist(),
             "entropy": scores.entropy[i, :n].tolist(),
+            # which weights, at which precision, computed this row (a PPO trainer refuses stale ones)
+            "weights_version": scores.weights_version,
+            "precision": scores.precision,
         }
         if ref is not None:
             kl = scores.logprobs[i, :n] - ref.logprobs[i, :n]
             record["ref_logprobs"] = ref.logprobs[i, :n].tolist()
             record["kl"] = kl.tolist()
+            record["ref_weights_version"] = ref.weights_version
             if row.score is not None:
                 record["reward"] = float(reward(row.score, kl, beta=beta))
         out.append(record)
@@ -253,11 +351,29 @@ def job_file(output: Path) -> Path:
 
 def job_fingerprint(policy, ref_policy=None, **options) -> dict:
     """What decides the numbers in an output: the sha256 of each export's manifest (which covers its
-    graphs, precision and versions) and the options that change numbers or which rows are scored.
-    New entries (a weights version, ...) are new keys: an older job file lacking one never matches."""
+    graphs, precision and versions), the weights each policy runs now (``weights_version``: they
+    differ from the export's after ``update_weights``), the precision, and the options that change
+    numbers or which rows are scored. New entries are new keys: an older job file lacking one never
+    matches. ``policy`` and ``ref_policy``: loaded policies or their export directories (then the
+    weights and precision a fresh load reports)."""
+
+    def manifest_sha(model):
+        return sha256_file(Path(model if isinstance(model, (str, Path)) else model.root) / MANIFEST_NAME)
+
+    def running(model):
+        if isinstance(model, (str, Path)):
+            from .policy import export_weights_version  # onnxruntime: only when asked
+
+            return export_weights_version(model), read_manifest(Path(model)).get("precision", "fp32")
+        return model.weights_version, model.precision
+
+    policy_version, precision = running(policy)
     return {
-        "policy_manifest_sha256": sha256_file(Path(policy.root) / MANIFEST_NAME),
-        "ref_manifest_sha256": None if ref_policy is None else sha256_file(Path(ref_policy.root) / MANIFEST_NAME),
+        "policy_manifest_sha256": manifest_sha(policy),
+        "ref_manifest_sha256": None if ref_policy is None else manifest_sha(ref_policy),
+        "policy_weights_version": policy_version,
+        "ref_weights_version": None if ref_policy is None else running(ref_policy)[0],
+        "precision": precision,
         **options,
     }
 
@@ -268,12 +384,24 @@ def recover_output(path: Optional[Path]) -> set:
 
 
 def recover_errors(path: Optional[Path]) -> set:
-    """Input line numbers already reported in the errors file."""
-    return set(_complete_lines(path, "line"))
+    """Bad rows already reported in the errors file (``report_key`` of each: its input line number)."""
+    return {report_key(record) for record in complete_records(path, "line")}
+
+
+def report_key(error_record: dict):
+    """What identifies a bad row across runs: its line number, with its file when it has one."""
+    line = error_record["line"]
+    return line if error_record.get("file") is None else (error_record["file"], line)
 
 
 def _complete_lines(path: Optional[Path], field: str) -> list:
-    """``field`` of every record of a file the job wrote; a torn last line (killed mid-write) is cut off.
+    """``field`` of every record of a file the job wrote (see ``complete_records``)."""
+    return [record[field] for record in complete_records(path, field)]
+
+
+def complete_records(path: Optional[Path], field: str) -> list:
+    """Every record (a dict holding ``field``) of a file the job wrote; a torn last line (killed
+    mid-write) is cut off.
 
     Any other line that is not such a record means the job did not write the
     file: it is refused, and not one byte of it is changed."""
@@ -283,7 +411,10 @@ def _complete_lines(path: Optional[Path], field: str) -> list:
     with open(path, "rb") as f:
         for line_no, line in enumerate(f, start=1):
             try:
-                values.append(json.loads(line)[field])
+                record = json.loads(line)
+                if not isinstance(record, dict) or field not in record:
+                    raise KeyError(field)
+                values.append(record)
             except (ValueError, KeyError, TypeError, IndexError):
                 if line.endswith(b"\n") or not line.startswith(b"{"):
                     raise OutputError(
@@ -305,7 +436,7 @@ def _first_occurrences(parsed):
         if isinstance(row, Row):
             key = _id_key(row.id)
             if key in seen:
-                row = BadRow(row.line, row.id, "duplicate id: an earlier row has the same id")
+                row = BadRow(row.line, row.id, DUPLICATE_ID, row.file)
             seen.add(key)
         yield row
 
@@ -492,6 +623,7 @@ def run_job(
     max_tokens: int = 512,
     max_query_tokens: int = DEFAULT_MAX_QUERY_TOKENS,
     sort_window: int = 16,
+    batch_tokens: Optional[int] = None,
     fail_fast: bool = False,
     progress: bool = False,
 ) -> JobSummary:
@@ -503,8 +635,10 @@ def run_job(
     otherwise refuses to touch it. Bad rows go to ``errors_path`` (None =
     stderr) with their line number and reason. Output is flushed after every
     batch. With ``fail_fast`` the first bad row raises ``InputError``.
+    ``batch_tokens``: as in ``score_rows``.
     """
     _check_job_options(policy, ref_policy, beta, batch_size, max_tokens, max_query_tokens, sort_window)
+    check_batch_tokens(batch_tokens)
     output_path = None if output_path is None else Path(output_path)
     errors_path = None if errors_path is None else Path(errors_path)
     fingerprint = job_fingerprint(
@@ -512,15 +646,7 @@ def run_job(
     )
     with contextlib.ExitStack() as stack:
         source = stack.enter_context(_input(input_file))
-        _check_paths(source, output_path, errors_path)
-        if _readable(output_path):
-            busy = f"another t5vh-score job is writing {output_path}: wait for it to finish, or name another output"
-            stack.enter_context(exclusive_lock(output_path, busy))
-        resume = _start(output_path, errors_path, fingerprint)
-        done = recover_output(output_path) if resume else set()
-        reported = recover_errors(errors_path) if resume and _readable(errors_path) else set()
-        out = stack.enter_context(_appending(output_path, sys.stdout))
-        errors = stack.enter_context(_appending(errors_path, sys.stderr))
+        files = stack.enter_context(job_files(source, output_path, errors_path, fingerprint))
         summary = JobSummary()
 
         def pending():
@@ -530,20 +656,80 @@ def run_job(
                     yield raw
                     continue
                 row_id = raw.get("id") if isinstance(raw, dict) else None
-                if row_id is not None and _id_key(row_id) in done:
+                if row_id is not None and _id_key(row_id) in files.done:
                     summary.rows_skipped += 1
                     continue
                 yield parse_row(line_no, raw, policy=policy, max_tokens=max_tokens, max_query_tokens=max_query_tokens)
 
-        batches = _batches(
-            policy, _first_occurrences(pending()), ref_policy, beta, int(batch_size), int(sort_window), max_query_tokens
+        batches = score_batches(
+            policy,
+            _first_occurrences(pending()),
+            ref_policy,
+            beta,
+            int(batch_size),
+            int(sort_window),
+            max_query_tokens,
+            batch_tokens,
         )
-        _write_batches(batches, out, errors, summary, reported=reported, fail_fast=fail_fast, progress=progress)
+        write_batches((encode(batch) for batch in batches), files, summary, fail_fast=fail_fast, progress=progress)
     return summary
 
 
-def _write_batches(batches, out, errors, summary: JobSummary, *, reported: set, fail_fast: bool, progress: bool):
-    """Write each batch's records (one write and one flush per batch) and count them in ``summary``."""
+@dataclass
+class JobFiles:
+    """A job's output and errors files, open for appending, with what an earlier run wrote to them."""
+
+    out: TextIO  # the output, open for appending (stdout when there is no output path)
+    errors: TextIO  # the errors file, open for appending (stderr when there is none)
+    done: set  # ``_id_key`` of every id already in the output (empty for a fresh start)
+    reported: set  # ``report_key`` of every bad row already in the errors file
+
+
+@contextlib.contextmanager
+def job_files(source, output_path: Optional[Path], errors_path: Optional[Path], fingerprint: dict):
+    """The files of one run, for its duration: three different files, the output locked and
+    fingerprinted, resumed (``done``, ``reported``) or started afresh (see ``_start``)."""
+    with contextlib.ExitStack() as stack:
+        _check_paths(source, output_path, errors_path)
+        if _readable(output_path):
+            busy = f"another t5vh-score job is writing {output_path}: wait for it to finish, or name another output"
+            stack.enter_context(exclusive_lock(output_path, busy))
+        resume = _start(output_path, errors_path, fingerprint)
+        done = recover_output(output_path) if resume else set()
+        reported = recover_errors(errors_path) if resume and _readable(errors_path) else set()
+        out = stack.enter_context(_appending(output_path, sys.stdout))
+        errors = stack.enter_context(_appending(errors_path, sys.stderr))
+        yield JobFiles(out, errors, done, reported)
+
+
+@dataclass(frozen=True)
+class Output:
+    """One row's result, encoded as the job writes it."""
+
+    text: str  # the record: one line of JSON, without its newline
+    error: Optional[str] = None  # why the row is bad; None when it was scored
+    key: object = None  # a bad row's ``report_key`` (its line number), so that a rerun reports it once
+    tokens: int = 0  # response tokens scored (0 for a bad row)
+
+    @property
+    def where(self) -> str:
+        """Where a bad row is, for a message: ``line N`` or ``FILE line N``."""
+        return f"{self.key[0]} line {self.key[1]}" if isinstance(self.key, tuple) else f"line {self.key}"
+
+
+def encode(batch: list) -> list:
+    """``Output``s of a list of ``(row, record)``: records as JSON text (NaN refused in scored ones)."""
+    return [
+        Output(json.dumps(record), record["error"], report_key(record))
+        if "error" in record
+        else Output(json.dumps(record, allow_nan=False), tokens=len(record["response_ids"]))
+        for _, record in batch
+    ]
+
+
+def write_batches(batches, files: JobFiles, summary: JobSummary, *, fail_fast: bool, progress: bool) -> None:
+    """Write each batch (a list of ``Output``) to ``files``, one write and one flush per batch, and
+    count it in ``summary``; a bad row already reported by an earlier run is counted, not written."""
     from tqdm import tqdm
 
     bar = tqdm(unit=" rows", disable=not progress, file=sys.stderr, dynamic_ncols=True)
@@ -551,19 +737,19 @@ def _write_batches(batches, out, errors, summary: JobSummary, *, reported: set, 
     try:
         for batch in batches:
             lines, bad_lines = [], []
-            for row, record in batch:
-                if "error" in record:
+            for output in batch:
+                if output.error is not None:
                     if fail_fast:
-                        raise InputError(f"line {record['line']}: {record['error']} (--fail-fast)")
+                        raise InputError(f"{output.where}: {output.error} (--fail-fast)")
                     summary.rows_failed += 1
-                    if record["line"] not in reported:
-                        bad_lines.append(json.dumps(record) + "\n")
+                    if output.key not in files.reported:
+                        bad_lines.append(output.text + "\n")
                 else:
                     summary.rows_ok += 1
-                    summary.tokens += len(row.response_ids)
-                    lines.append(json.dumps(record, allow_nan=False) + "\n")
-            _write(out, "".join(lines))
-            _write(errors, "".join(bad_lines))
+                    summary.tokens += output.tokens
+                    lines.append(output.text + "\n")
+            _write(files.out, "".join(lines))
+            _write(files.errors, "".join(bad_lines))
             bar.update(len(batch))
             bar.set_postfix_str(f"{summary.tokens / max(time.perf_counter() - start, 1e-9):.0f} tok/s", refresh=False)
     finally:

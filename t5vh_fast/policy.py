@@ -34,7 +34,6 @@ class OnnxPolicy:
     def __init__(self, root: Path, manifest: dict, decoder: OnnxDecoder):
         self.root = root
         self.manifest = manifest
-        self.decoder = decoder
         config = _read_config(root)
         self.vocab_size = int(config["vocab_size"])
         self.decoder_start_token_id = int(config.get("decoder_start_token_id", 0) or 0)
@@ -43,9 +42,24 @@ class OnnxPolicy:
         self.config = config
         # the precision of every number this policy computes ("fp32", "int8", ...)
         self.precision = manifest.get("precision", "fp32")
-        # which weights are running: the exported ones until update_weights replaces them
-        self.weights_version = _export_version(manifest, layout_files(root, manifest, decoder.layout))
+        # (decoder, weights version), replaced as one by update_weights: a call reads both at once
+        self._running = (decoder, _export_version(manifest, layout_files(root, manifest, decoder.layout)))
         self._tokenizer = None
+
+    @property
+    def decoder(self) -> OnnxDecoder:
+        """The sessions now running (a call keeps the ones it started on)."""
+        return self._running[0]
+
+    @decoder.setter
+    def decoder(self, decoder: OnnxDecoder) -> None:
+        self._running = (decoder, self._running[1])
+
+    @property
+    def weights_version(self) -> str:
+        """Which weights this policy runs: a hash of them (the export's until ``update_weights``), or the
+        name passed to ``update_weights(..., version=)``. Every ``Rollout`` and ``Scores`` carries it."""
+        return self._running[1]
 
     @property
     def providers(self) -> List[str]:
@@ -56,18 +70,7 @@ class OnnxPolicy:
     def tokenizer(self):
         """The export's ``tokenizers.Tokenizer`` (``tokenizer.json``)."""
         if self._tokenizer is None:
-            path = self.root / "tokenizer.json"
-            if not path.is_file():
-                raise PathNotFound(f"{self.root} has no tokenizer.json: pass token ids instead of text")
-            from tokenizers import Tokenizer
-
-            try:
-                self._tokenizer = Tokenizer.from_file(str(path))
-            except Exception as exc:  # tokenizers raises a bare Exception for a damaged file
-                raise ExportError(
-                    f"{path} is not a readable tokenizer ({exc}): copy it again from the model directory, "
-                    "or re-export the model"
-                ) from None
+            self._tokenizer = read_tokenizer(self.root)
         return self._tokenizer
 
     def respond_to_batch(
@@ -116,9 +119,10 @@ class OnnxPolicy:
         """
         ids, mask = as_token_batch(query_ids, attention_mask, vocab_size=self.vocab_size)
         check_query_length(ids, max_query_tokens)
-        with provider_errors(self.providers, "while sampling"):
+        decoder, version = self._running  # one read: an update_weights meanwhile does not touch this call
+        with provider_errors(decoder.providers, "while sampling"):
             return respond(
-                self.decoder,
+                decoder,
                 ids,
                 mask,
                 decoder_start_token_id=self.decoder_start_token_id,
@@ -130,7 +134,7 @@ class OnnxPolicy:
                 uniforms=uniforms,
                 callback=callback,
                 precision=self.precision,
-                weights_version=self.weights_version,
+                weights_version=version,
             )
 
     def score(
@@ -159,9 +163,10 @@ class OnnxPolicy:
         resp, resp_mask, num_samples = check_response_batch(
             response_ids, response_mask, queries=ids.shape[0], vocab_size=self.vocab_size
         )
-        with provider_errors(self.providers, "while scoring"):
+        decoder, version = self._running
+        with provider_errors(decoder.providers, "while scoring"):
             return _score(
-                self.decoder,
+                decoder,
                 ids,
                 mask,
                 resp,
@@ -169,7 +174,7 @@ class OnnxPolicy:
                 decoder_start_token_id=self.decoder_start_token_id,
                 num_samples=num_samples,
                 precision=self.precision,
-                weights_version=self.weights_version,
+                weights_version=version,
             )
 
     # ------------------------------------------------------------------ weights
@@ -185,13 +190,20 @@ class OnnxPolicy:
         vocabulary or a NaN raises a ``T5vhError`` naming it and changes
         nothing. The new weights are transformed exactly as the exporter did
         (transposes, the tied LM head's scale, the folded value head, int8
-        quantization) and loaded into new sessions; afterwards every number
-        equals that of a fresh export of the same weights. Every decoder layout
-        of a format-2 export can be refreshed. Calls already running
-        finish on the old weights. ``version``: a name for the new weights
-        (default: a hash of them).
+        quantization) into copies (changing the model afterwards, as an
+        optimizer step does, does not reach the policy) and loaded into new
+        sessions; afterwards every number equals that of a fresh export of the
+        same weights. Every decoder layout of a format-2 export can be
+        refreshed. The new sessions and version replace the old ones in one
+        assignment: a call already running finishes on the old weights and
+        reports the old version. ``version``: a non-empty name for the new
+        weights (default: ``weights_digest``, a hash of them, which is also the
+        version a fresh export of the same weights loads with).
         """
-        layout = self.decoder.layout
+        if version is not None and not (isinstance(version, str) and version.strip()):
+            raise InputError(f"version must be a non-empty string, got {version!r}")
+        decoder = self.decoder
+        layout = decoder.layout
         recorded = self.manifest.get("weights", {}).get(layout)
         if recorded is None:
             raise ExportError(
@@ -215,9 +227,9 @@ class OnnxPolicy:
                 graph: {name: transformed(m["transform"], params[m["source"]], spec) for name, m in mapping.items()}
                 for graph, mapping in recorded.items()
             }
-        self.decoder = self.decoder.with_weights(arrays)
-        self.weights_version = version if version is not None else weights_digest(params)
-        return self.weights_version
+        new_version = version if version is not None else weights_digest(params)
+        self._running = (decoder.with_weights(arrays), new_version)
+        return new_version
 
     # ------------------------------------------------------------------ text
 
@@ -248,6 +260,27 @@ class OnnxPolicy:
         """Text in, text out: ``respond_to_batch`` on the tokenized texts, decoded."""
         ids, mask = self.encode_text(texts, max_query_tokens=options.get("max_query_tokens", DEFAULT_MAX_QUERY_TOKENS))
         return self.decode_text(self.respond_to_batch(ids, mask, **options).tokens)
+
+
+def read_tokenizer(root: Path):
+    """The ``tokenizers.Tokenizer`` of an export (its ``tokenizer.json``)."""
+    path = Path(root) / "tokenizer.json"
+    if not path.is_file():
+        raise PathNotFound(f"{root} has no tokenizer.json: pass token ids instead of text")
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises a bare Exception for a damaged file
+        raise ExportError(
+            f"{path} is not a readable tokenizer ({exc}): copy it again from the model directory, "
+            "or re-export the model"
+        ) from None
+
+
+def read_config(root: Path) -> dict:
+    """An export's ``config.json``, checked to hold a ``vocab_size``."""
+    return _read_config(Path(root))
 
 
 def _read_config(root: Path) -> dict:
@@ -290,10 +323,21 @@ def layout_files(root: Path, manifest: dict, layout: str) -> List[str]:
     return sorted({*graphs, *on_disk, *layouts(manifest).get(layout, ())})
 
 
+def export_weights_version(export_dir, decoder: Optional[str] = None) -> str:
+    """The ``weights_version`` a policy loaded from ``export_dir`` (with ``decoder``) reports, without loading it."""
+    root = Path(export_dir).expanduser()
+    manifest = read_manifest(root)
+    return _export_version(manifest, layout_files(root, manifest, decoder or default_layout(manifest)))
+
+
 def _export_version(manifest: dict, files) -> str:
-    """The version of an export's weights: a hash of the hashes of the files the layout reads."""
+    """The version of an export's weights: the digest of its weights the exporter recorded (what
+    ``update_weights`` gives for the same weights), else a hash of the hashes of the files the layout reads."""
     import hashlib
 
+    recorded = manifest.get("weights_version")
+    if isinstance(recorded, str) and recorded:
+        return recorded
     listed = manifest.get("files", {})
     joined = "".join(f"{name}:{listed.get(name, '')};" for name in sorted(files))
     return hashlib.blake2b(joined.encode(), digest_size=8).hexdigest()

@@ -578,9 +578,13 @@ def test_a_resume_with_other_settings_is_refused(tmp_path, tiny_export):
     assert score(tiny_export, str(tmp_path / "half.jsonl"), *base).exit_code == 0
     job = json.loads((tmp_path / "out.jsonl.t5vh-job.json").read_text())
     manifest_sha = hashlib.sha256((tiny_export / MANIFEST_NAME).read_bytes()).hexdigest()
+    version = t5vh_fast.load(tiny_export, providers="cpu").weights_version
     assert job["fingerprint"] == {
         "policy_manifest_sha256": manifest_sha,
         "ref_manifest_sha256": manifest_sha,
+        "policy_weights_version": version,
+        "ref_weights_version": version,
+        "precision": "fp32",
         "beta": 0.1,
         "max_tokens": 512,
         "max_query_tokens": 2048,

@@ -13,7 +13,7 @@ length, batches of 32). Every system gets the same thread count.
 
 from .report import baseline_of, machine_info, markdown, plot, ratios, run_benchmark, spawn
 from .systems import GPU_SYSTEMS, SCORE_SYSTEMS, SYSTEMS, StepClock, available_systems, ct2_model, why_unavailable
-from .workers import QUERY_LEN, rollout_parity, score_batches
+from .workers import QUERY_LEN, peak_rss_mb, rollout_parity, rss_mb, score_batches
 
 __all__ = [
     "SYSTEMS",
@@ -26,9 +26,11 @@ __all__ = [
     "ct2_model",
     "machine_info",
     "markdown",
+    "peak_rss_mb",
     "plot",
     "ratios",
     "rollout_parity",
+    "rss_mb",
     "run_benchmark",
     "score_batches",
     "spawn",

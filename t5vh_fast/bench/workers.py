@@ -18,8 +18,27 @@ SCORE_ROWS = 320  # the scoring workload: rows of 8-64 query and 4-64 response t
 SCORE_BATCH = 32
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _status_mb(field: str) -> float:
+    """A ``VmRSS``/``VmHWM`` line of /proc/self/status in MB (NaN where there is no /proc)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def rss_mb() -> float:
+    """This process's resident set now (MB)."""
+    return _status_mb("VmRSS")
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set (MB). ``VmHWM``, not ``ru_maxrss``: Linux carries ru_maxrss across
+    fork and exec, so a worker started by a parent that had just exported a model reported the parent's peak."""
+    peak = _status_mb("VmHWM")
+    return peak if peak == peak else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _vocab(spec: dict) -> int:
@@ -81,7 +100,7 @@ def run_worker(spec: dict) -> dict:
         "step_ms_p95": 1000 * float(np.percentile(steps, 95)),
         "per_step_timed": timed,
         "ttft_ms": 1000 * ttft,
-        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),
     }
 
 
@@ -102,7 +121,7 @@ def score_worker(spec: dict) -> dict:
         "seconds": seconds,
         "tokens_per_s": tokens / seconds,
         "rows_per_s": rows / seconds,
-        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),
     }
 
 
@@ -263,4 +282,4 @@ WORKERS = {
     "floor": floor_worker,
     "convert": convert_worker,
 }
-__all__ = ["WORKERS", "SYSTEMS", "rollout_parity", "queries", "score_batches"]
+__all__ = ["WORKERS", "SYSTEMS", "rollout_parity", "queries", "score_batches", "peak_rss_mb", "rss_mb"]

@@ -22,7 +22,7 @@ from ..checkpoint import load_reference
 from ..errors import InputError, NonFiniteError, OutputError, ParityError, PathExists, PathNotFound
 from ..manifest import DECODER, DECODER_MERGED, DECODER_WITH_PAST, ENCODER, FORMAT_VERSION, MANIFEST_NAME
 from ..tensorrt import graph_input_dims
-from ..weights import PRECISIONS, ModelSpec, plan_record
+from ..weights import PRECISIONS, ModelSpec, checkpoint_params, plan_record, weights_digest
 from .check import TOLERANCE, check_export, format_report
 from .graph import OPSET
 from .optimize import fold_lm_head_scale
@@ -327,6 +327,7 @@ def _partial_dir(out: Path) -> Path:
 def _manifest(model, model_dir, tmp: Path, layouts: dict, opset: int, *, precision: str) -> dict:
     """The manifest fields every export has (files hashed as they are in ``tmp``)."""
     files = sorted({name for names in layouts.values() for name in names})
+    spec = ModelSpec.from_config(model.config.to_dict())
     return {
         "format_version": FORMAT_VERSION,
         "precision": precision,
@@ -336,7 +337,9 @@ def _manifest(model, model_dir, tmp: Path, layouts: dict, opset: int, *, precisi
         "opset": opset,
         "layouts": layouts,
         "files": {name: sha256_file(tmp / name) for name in files},
-        "weights": {"single": plan_record(ModelSpec.from_config(model.config.to_dict()), precision)},
+        "weights": {"single": plan_record(spec, precision)},
+        # what OnnxPolicy.weights_version reports for these weights, fresh or after update_weights
+        "weights_version": weights_digest(checkpoint_params(model.state_dict(), spec)),
         "graphs": {name: {"inputs": graph_input_dims(tmp / name)} for name in files if name.endswith(".onnx")},
         "versions": library_versions(),
         "source": str(Path(model_dir).expanduser().resolve()),
