@@ -72,7 +72,13 @@ SUBSETS = {
         "-k",
         f"{SINGLE} and (score or kl or reward or job or non_finite or beta or python_api)",
     ],
-    "job.py": ["tests/test_scoring.py", "tests/test_reliability.py", "-k", f"{SINGLE} and not export"],
+    "job.py": [
+        "tests/test_scoring.py",
+        "tests/test_reliability.py",
+        "tests/test_batch_tokens.py",
+        "-k",
+        f"{SINGLE} and not export",
+    ],
     "manifest.py": [
         "tests/test_runtime.py",
         "tests/test_reliability.py",

@@ -276,9 +276,79 @@ def test_run_job_from_python_takes_a_path_a_dash_or_an_open_file(tmp_path, tiny_
 
 def test_score_rows_from_python(policy):
     rows = [{"id": i, "query_ids": [5, 6, 1], "response_ids": [7] * (1 + i % 5)} for i in range(10)] + ["{bad"]
+    rows += [[1, 2], {"id": float("nan"), "query_ids": [5, 1], "response_ids": [7]}, {"id": "x", "query_ids": [5, 1]}]
     records = list(score_rows(policy, rows, batch_size=3))
     assert sorted(r["id"] for r in records if "error" not in r) == list(range(10))
-    assert [r["line"] for r in records if "error" in r] == [11]
+    errors = {r["line"]: r["error"] for r in records if "error" in r}
+    assert sorted(errors) == [11, 12, 13, 14]
+    assert errors[11].startswith("invalid JSON") and errors[12] == "a row must be a JSON object, got list"
+    assert errors[13].startswith("'id' must be a string or a finite number, got nan")
+    assert errors[14] == "missing field 'response' or 'response_ids'"
+
+
+def test_rows_are_scored_in_full_batches_of_similar_length(tiny_export):
+    """batch_size rows per score() call (the last batch of a window may be smaller), grouped by length."""
+    policy = t5vh_fast.load(tiny_export, providers="cpu")
+    calls = []
+
+    class Counting:
+        vocab_size, pad_token_id, root = policy.vocab_size, policy.pad_token_id, policy.root
+
+        def score(self, ids, resp, *args, **kwargs):
+            calls.append((ids.shape[0], sorted(set(ids.shape[1] - (ids == 0).sum(1)))))
+            return policy.score(ids, resp, *args, **kwargs)
+
+    rows = [{"id": i, "query_ids": [5] * (1 + i % 3) + [1], "response_ids": [7, 8]} for i in range(12)]
+    records = list(score_rows(Counting(), rows, batch_size=4, sort_window=3))
+    assert len(records) == 12 and calls == [(4, [2]), (4, [3]), (4, [4])]  # one query length per batch
+
+
+def test_parse_query_reads_a_query_to_sample_for(tiny_export):
+    """The rows of a rollout job: a query and an id, with the scoring job's checks, and no response."""
+    from t5vh_fast.job import BadRow, Row, parse_query
+
+    policy = t5vh_fast.load(tiny_export, providers="cpu")
+    row = parse_query(3, json.dumps({"id": "q", "query_ids": [5, 6, 1]}), policy=policy)
+    assert row == Row(3, "q", [5, 6, 1], [], None)
+    text = parse_query(4, {"id": 7, "query": "How do I cook rice?"}, policy=policy)
+    assert isinstance(text, Row) and text.query_ids == policy.encode_text(["How do I cook rice?"])[0][0].tolist()
+    for raw, reason in (
+        ("{bad", "invalid JSON"),
+        ("[1, 2]", "a row must be a JSON object, got list"),
+        ({"query_ids": [5, 1]}, "missing field 'id'"),
+        ({"id": float("inf"), "query_ids": [5, 1]}, "'id' must be a string or a finite number"),
+        ({"id": 1}, "missing field 'query' or 'query_ids'"),
+        ({"id": 1, "query_ids": [5.5, 1]}, "'query_ids' must be a list of integers"),
+        ({"id": 1, "query_ids": []}, "empty query"),
+        ({"id": 1, "query_ids": [5, 256]}, "query token id 256 is outside the vocabulary [0, 256)"),
+        ({"id": 1, "query_ids": [5] * 9}, "query too long: 9 tokens > --max-query-tokens 8"),
+    ):
+        bad = parse_query(9, raw, policy=policy, max_query_tokens=8)
+        assert isinstance(bad, BadRow) and bad.line == 9 and bad.reason.startswith(reason), (raw, bad)
+
+
+def test_resume_with_a_new_errors_file_and_never_past_a_line_it_did_not_write(tmp_path, tiny_export):
+    src = tmp_path / "in.jsonl"
+    src.write_text(
+        "".join(json.dumps({"id": i, "query_ids": [5 + i, 1], "response_ids": [7]}) + "\n" for i in range(4))
+    )
+    out = tmp_path / "out.jsonl"
+    base = [str(tiny_export), str(src), "-o", str(out), "--providers", "cpu"]
+    assert CliRunner().invoke(score_command, base).exit_code == 0
+    src.write_text(src.read_text() + "{bad\n" + json.dumps({"id": 9, "query_ids": [5, 1], "response_ids": [7]}) + "\n")
+    # a resume may name an errors file that does not exist yet
+    result = CliRunner().invoke(score_command, [*base, "--errors", str(tmp_path / "new-errors.jsonl")])
+    assert result.exit_code == 0 and "1 rows scored, 1 failed, 4 already done" in result.output, result.output
+    assert [json.loads(line)["line"] for line in (tmp_path / "new-errors.jsonl").read_text().splitlines()] == [5]
+    # a complete line the job did not write (JSON, but not its record) stops the resume; nothing changes
+    for foreign in ('{"note": "mine"}\n', "[1, 2]\n"):
+        for path in (out, tmp_path / "new-errors.jsonl"):
+            before = path.read_bytes()
+            path.write_bytes(before + foreign.encode())
+            result = CliRunner().invoke(score_command, [*base, "--errors", str(tmp_path / "new-errors.jsonl")])
+            assert result.exit_code == 1 and "is not a t5vh-score record" in result.output, result.output
+            assert path.read_bytes() == before + foreign.encode()
+            path.write_bytes(before)
 
 
 def _wait_for_lines(path, n: int, proc, timeout: float = 120) -> None:
