@@ -62,6 +62,12 @@ class OnnxPolicy:
         return self._running[1]
 
     @property
+    def precision_report(self) -> Optional[dict]:
+        """What this reduced precision costs against fp32, measured at export (KL per token, token agreement,
+        largest log-prob and value differences, importance ratios; docs/contract.md). None for fp32."""
+        return self.manifest.get("precision_report")
+
+    @property
     def providers(self) -> List[str]:
         """The onnxruntime providers actually in use (CUDA only if it really started)."""
         return self.decoder.providers

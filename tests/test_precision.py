@@ -72,7 +72,8 @@ def test_int8_report_agrees_with_an_independent_measurement(int8_export, referen
     p = torch.log_softmax(ref.logits[:, 0].double(), -1).numpy()
     q = torch.log_softmax(torch.from_numpy(logits).double(), -1).numpy()
     kl = (np.exp(p) * (p - q)).sum(-1)
-    assert 0 < kl.mean() < 10 * _manifest(int8_export)["precision_report"]["kl_max"]
+    assert policy.precision_report == _manifest(int8_export)["precision_report"]
+    assert 0 < kl.mean() < 10 * policy.precision_report["kl_max"]
     rollout = policy.respond_to_batch(ids, mask, txt_len=4, seed=1)
     assert rollout.precision == "int8" and policy.score(ids, rollout.tokens, mask).precision == "int8"
     np.testing.assert_allclose(policy.score(ids, rollout.tokens, mask).logprobs, rollout.logprobs, atol=tol(logits))

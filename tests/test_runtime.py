@@ -530,3 +530,28 @@ print("torch" in sys.modules, "transformers" in sys.modules)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"], out.stderr
+
+
+def test_row_table_reads_the_rows_numpy_would(tmp_path):
+    """The single layout's embedding is read a row at a time from its .npy file, not memory-mapped."""
+    from t5vh_fast.decoder import RowTable
+    from t5vh_fast.errors import InputError
+
+    table = np.random.default_rng(3).standard_normal((50, 7)).astype(np.float32)
+    np.save(tmp_path / "table.npy", table)
+    rows = RowTable(tmp_path / "table.npy")
+    ids = np.array([[4, 49, 4, 0], [7, 7, 7, 2]])
+    np.testing.assert_array_equal(rows[ids], table[ids])
+    np.testing.assert_array_equal(rows[np.array([49])], table[[49]])
+    assert rows[ids].dtype == np.float32 and rows[ids].flags.writeable
+    with pytest.raises(InputError, match=r"token ids must be in \[0, 50\)"):
+        rows[np.array([3, 50])]
+    with pytest.raises(InputError, match=r"token ids must be in \[0, 50\)"):
+        rows[np.array([-1])]
+    data = (tmp_path / "table.npy").read_bytes()
+    (tmp_path / "short.npy").write_bytes(data[:-10])
+    with pytest.raises(ExportError, match="shorter than its header says"):
+        RowTable(tmp_path / "short.npy")
+    np.save(tmp_path / "cube.npy", np.zeros((2, 2, 2), np.float32))
+    with pytest.raises(ExportError, match="not a 2-D table"):
+        RowTable(tmp_path / "cube.npy")
