@@ -482,7 +482,7 @@ def test_auto_falls_back_to_the_cpu_when_cuda_fails_to_start(tiny_export, fake_g
     assert policy.providers == [CPU]
     err = capsys.readouterr().err
     assert "running on the CPU" in err and f"{CUDA} failed starting" in err and "insufficient" in err
-    with pytest.raises(ProviderError, match=f"{CUDA} failed starting t5vh_encoder.onnx: CUDA driver"):
+    with pytest.raises(ProviderError, match=f"{CUDA} failed starting t5vh_decoder.onnx: CUDA driver"):
         t5vh_fast.load(tiny_export, providers="cuda")
 
 
