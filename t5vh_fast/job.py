@@ -1,4 +1,4 @@
-"""Batch scoring of JSONL rows (DESIGN.md §6): streaming, length-bucketed, restartable.
+"""Batch scoring of JSONL rows (docs/contract.md, "Batch scoring"): streaming, length-bucketed, restartable.
 
 ``score_rows`` is the library entry point (an iterator of dicts in, an iterator
 of dicts out); ``run_job`` adds the files: output and errors JSONL, resume after

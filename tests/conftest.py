@@ -36,8 +36,22 @@ def pytest_collection_modifyitems(config, items):
 
 
 def tol(reference) -> float:
-    """DESIGN.md §5: 1e-4 x max(1, max |reference|)."""
+    """docs/contract.md, "Parity, defined": 1e-4 x max(1, max |reference|)."""
     return 1e-4 * max(1.0, float(np.abs(np.asarray(reference)).max()))
+
+
+def teacher_forced(model, ids, mask, tokens):
+    """The PyTorch model's output (``.logits``, ``.value``) on queries ``ids``/``mask`` with ``tokens`` as
+    the responses, without gradients: the reference numbers a rollout or a score is compared with."""
+    import torch
+
+    def tensor(a):
+        return a if torch.is_tensor(a) else torch.from_numpy(np.asarray(a))
+
+    with torch.no_grad():
+        return model(
+            input_ids=tensor(ids), attention_mask=tensor(mask), decoder_input_ids=model._shift_right(tensor(tokens))
+        )
 
 
 def _built(tmp_path_factory, name: str, build) -> Path:

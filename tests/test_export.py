@@ -1,4 +1,4 @@
-"""t5vh-export (DESIGN.md §3): graphs with `value`, parity per graph, manifest, atomic output."""
+"""t5vh-export (docs/contract.md, "Export layout"): graphs with `value`, parity per graph, manifest, atomic output."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from t5vh_fast.export import ExportParityError, check_export, export
 from t5vh_fast.export import convert as convert_module
 from t5vh_fast.manifest import FORMAT_VERSION, MANIFEST_NAME
 
-from .conftest import assert_same_samples, mixed_queries, tol
+from .conftest import assert_same_samples, mixed_queries, teacher_forced, tol
 
 GRAPHS = ["encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx", "decoder_model_merged.onnx"]
 SINGLE_GRAPHS = ["t5vh_encoder.onnx", "t5vh_decoder.onnx"]
@@ -77,12 +77,7 @@ def _assert_export_matches_pytorch(out, model):
         policy = t5vh_fast.load(out, providers="cpu", decoder=layout)
         rollout = policy.respond_to_batch(ids, mask, txt_len=6, uniforms=u)
         scores = policy.score(ids, rollout.tokens, mask)
-        with torch.no_grad():
-            ref = model(
-                input_ids=torch.from_numpy(ids),
-                attention_mask=torch.from_numpy(mask),
-                decoder_input_ids=model._shift_right(torch.from_numpy(rollout.tokens)),
-            )
+        ref = teacher_forced(model, ids, mask, rollout.tokens)
         logits, values = ref.logits.numpy(), ref.value.numpy()
         chosen = np.take_along_axis(torch.log_softmax(ref.logits, -1).numpy(), rollout.tokens[..., None], -1)[..., 0]
         for name, ours, want, limit in (
@@ -231,7 +226,7 @@ def test_cli_help_has_a_runnable_example_and_cli_exports(tmp_path, tiny_dir):
 
 @pytest.mark.slow
 def test_t5_small_shaped_export_parity(tmp_path):
-    """The benchmark-sized demo model: every graph within the DESIGN.md tolerance (numbers in the manifest)."""
+    """The benchmark-sized demo model: every graph within the contract's tolerance (numbers in the manifest)."""
     model_dir = write_demo(tmp_path / "small", size="small")
     out = export(model_dir, log=print)
     graphs = json.loads((out / MANIFEST_NAME).read_text())["parity"]["graphs"]

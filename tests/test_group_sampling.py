@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
-from .conftest import mixed_queries, tol
+from .conftest import mixed_queries, teacher_forced, tol
 
 N = 4
 
@@ -25,12 +24,7 @@ def test_group_equals_the_repeated_batch(policy, reference, top_k, top_p):
     np.testing.assert_array_equal(group.query_index, np.repeat(np.arange(64), N))
     assert (group.tokens == flat.tokens).mean() >= 0.999
     same = np.cumprod(group.tokens == flat.tokens, axis=1).astype(bool)
-    with torch.no_grad():
-        logits = reference(
-            input_ids=torch.from_numpy(np.repeat(ids, N, axis=0)),
-            attention_mask=torch.from_numpy(np.repeat(mask, N, axis=0)),
-            decoder_input_ids=reference._shift_right(torch.from_numpy(flat.tokens)),
-        ).logits
+    logits = teacher_forced(reference, np.repeat(ids, N, axis=0), np.repeat(mask, N, axis=0), flat.tokens).logits
     assert np.abs(group.logprobs - flat.logprobs)[same].max() <= tol(logits)
     assert np.abs(group.values - flat.values)[same].max() <= tol(flat.values)
     # the samples of one query are different rollouts, not copies

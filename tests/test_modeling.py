@@ -1,4 +1,4 @@
-"""The PyTorch reference (DESIGN.md §2): value head, layouts, detach_head, respond_to_batch, score."""
+"""The PyTorch reference (docs/contract.md, "The model"): value head, layouts, detach_head, respond_to_batch, score."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from t5vh_fast.checkpoint import load_reference
 from t5vh_fast.demo import build_model, write_demo
 from t5vh_fast.reference import draw, filter_logits
 
-from .conftest import assert_pad_invariant, assert_same_samples, mixed_queries, tol
+from .conftest import assert_pad_invariant, assert_same_samples, mixed_queries, teacher_forced, tol
 
 EOS = 1
 
@@ -309,12 +309,7 @@ def test_rollout_logprobs_and_values_equal_score(reference, top_k, top_p):
         ids, mask, txt_len=10, top_k=top_k, top_p=top_p, generator=torch.Generator().manual_seed(5)
     )
     scores = reference.score(ids, rollout.tokens, mask)
-    with torch.no_grad():
-        logits = reference(
-            input_ids=torch.from_numpy(ids),
-            attention_mask=torch.from_numpy(mask),
-            decoder_input_ids=reference._shift_right(rollout.tokens),
-        ).logits
+    logits = teacher_forced(reference, ids, mask, rollout.tokens).logits
     assert torch.allclose(scores.logprobs, rollout.logprobs, atol=tol(logits))
     assert torch.allclose(scores.values, rollout.values, atol=tol(rollout.values))
     if top_k or top_p < 1.0:

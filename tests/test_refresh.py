@@ -19,7 +19,7 @@ from t5vh_fast.export import export
 from t5vh_fast.job import job_fingerprint, run_job, score_rows
 from t5vh_fast.modeling import T5HeadWithValueModel
 
-from .conftest import mixed_queries, tol
+from .conftest import mixed_queries, teacher_forced, tol
 
 TXT_LEN = 12
 
@@ -61,12 +61,7 @@ def assert_same_numbers(policy, fresh, model, queries):
     theirs, their_scores = outputs(fresh, queries)
     np.testing.assert_array_equal(ours.tokens, theirs.tokens)
     ids, mask, _ = queries
-    with torch.no_grad():
-        out = model(
-            input_ids=torch.from_numpy(ids),
-            attention_mask=torch.from_numpy(mask),
-            decoder_input_ids=model._shift_right(torch.from_numpy(theirs.tokens)),
-        )
+    out = teacher_forced(model, ids, mask, theirs.tokens)
     logit_tol, value_tol = tol(out.logits), tol(out.value)
     assert np.abs(ours.logprobs - theirs.logprobs).max() <= logit_tol
     assert np.abs(ours.values - theirs.values).max() <= value_tol

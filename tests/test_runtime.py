@@ -1,4 +1,4 @@
-"""The ONNX Runtime sampler (DESIGN.md §4, §5): parity with PyTorch, distribution, contract, errors."""
+"""The ONNX Runtime sampler (docs/contract.md, "Runtime" and "Parity, defined"): parity with PyTorch, distribution, contract, errors."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from t5vh_fast.manifest import FORMAT_VERSION, MANIFEST_NAME
 from t5vh_fast.policy import layout_files
 from t5vh_fast.reference import filter_logits as torch_filter
 
-from .conftest import assert_pad_invariant, assert_same_samples, mixed_queries, tol
+from .conftest import assert_pad_invariant, assert_same_samples, mixed_queries, teacher_forced, tol
 
 EOS = 1
 FILTERS = [(0, 1.0), (20, 1.0), (0, 0.85), (30, 0.9)]
@@ -40,12 +40,7 @@ def test_token_parity_with_pytorch_on_shared_uniforms(policy, reference, top_k, 
     assert (ours.tokens == ref_tokens).mean() >= 0.999
     # compare log-probs and values on each row's common prefix
     same = np.cumprod(ours.tokens == ref_tokens, axis=1).astype(bool)
-    with torch.no_grad():
-        logits = reference(
-            input_ids=torch.from_numpy(ids),
-            attention_mask=torch.from_numpy(mask),
-            decoder_input_ids=reference._shift_right(ref.tokens),
-        ).logits.numpy()
+    logits = teacher_forced(reference, ids, mask, ref.tokens).logits.numpy()
     assert np.abs(ours.logprobs - ref.logprobs.numpy())[same].max() <= tol(logits)
     assert np.abs(ours.values - ref.values.numpy())[same].max() <= tol(ref.values)
     if top_k or top_p < 1.0:
@@ -81,12 +76,7 @@ def test_token_parity_with_a_t5_small_vocabulary(wide_vocab):
     ours = policy.respond_to_batch(ids, mask, txt_len=6, uniforms=u)
     ref = model.respond_to_batch(ids, mask, txt_len=6, uniforms=u)
     assert np.unique(ours.tokens // sampling.BLOCK).size > 100  # the draws land in most of the 126 blocks
-    with torch.no_grad():
-        logits = model(
-            input_ids=torch.from_numpy(ids),
-            attention_mask=torch.from_numpy(mask),
-            decoder_input_ids=model._shift_right(ref.tokens),
-        ).logits.numpy()
+    logits = teacher_forced(model, ids, mask, ref.tokens).logits.numpy()
     assert_same_samples(ours.tokens, ref.tokens, ours.logprobs, ref.logprobs, atol=tol(logits))
     assert_same_samples(ours.tokens, ref.tokens, ours.values, ref.values, atol=tol(ref.values))
 
@@ -210,12 +200,8 @@ def test_rollout_equals_score_on_the_same_tokens(policy, reference, top_k, top_p
     ids, mask = mixed_queries(32, 256, seed=14)
     rollout = policy.respond_to_batch(ids, mask, txt_len=12, top_k=top_k, top_p=top_p, seed=14)
     scores = policy.score(ids, rollout.tokens, mask)
-    with torch.no_grad():  # DESIGN.md §5: log-prob tolerance scales with the logits' max
-        logits = reference(
-            input_ids=torch.from_numpy(ids),
-            attention_mask=torch.from_numpy(mask),
-            decoder_input_ids=reference._shift_right(torch.from_numpy(rollout.tokens)),
-        ).logits.numpy()
+    # the log-prob tolerance scales with the logits' max
+    logits = teacher_forced(reference, ids, mask, rollout.tokens).logits.numpy()
     np.testing.assert_allclose(scores.logprobs, rollout.logprobs, atol=tol(logits))
     np.testing.assert_allclose(scores.values, rollout.values, atol=tol(rollout.values))
 

@@ -1,4 +1,4 @@
-"""score(), KL and reward, and the t5vh-score job (DESIGN.md §6)."""
+"""score(), KL and reward, and the t5vh-score job (docs/contract.md, "Batch scoring")."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from t5vh_fast.cli import score_command
 from t5vh_fast.job import score_rows
 from t5vh_fast.results import Scores
 
-from .conftest import mixed_queries, tol
+from .conftest import mixed_queries, teacher_forced, tol
 
 # ---------------------------------------------------------------------- score()
 
@@ -32,12 +32,7 @@ def test_score_matches_pytorch(policy, reference):
     responses, resp_mask = t5vh_fast.pad_batch([list(rng.integers(0, 256, size=n)) for n in lengths])
     ours = policy.score(ids, responses, mask, resp_mask)
     ref = reference.score(ids, responses, mask, resp_mask)
-    with torch.no_grad():
-        logits = reference(
-            input_ids=torch.from_numpy(ids),
-            attention_mask=torch.from_numpy(mask),
-            decoder_input_ids=reference._shift_right(torch.from_numpy(responses)),
-        ).logits.numpy()
+    logits = teacher_forced(reference, ids, mask, responses).logits.numpy()
     assert np.abs(ours.logprobs - ref.logprobs.numpy()).max() <= tol(logits)
     assert np.abs(ours.values - ref.values.numpy()).max() <= tol(ref.values)
     assert np.abs(ours.entropy - ref.entropy.numpy()).max() <= tol(logits)

@@ -2,7 +2,7 @@
 
 Inputs are seeded: a batch of right-padded queries of different lengths and a
 few decoder tokens, run teacher-forced through the first-step graph and step
-by step through the KV cache. Tolerance (DESIGN.md §5):
+by step through the KV cache. Tolerance (docs/contract.md, "Parity, defined"):
 ``1e-4 * max(1, max |reference|)`` per tensor compared.
 """
 
