@@ -223,7 +223,7 @@ def compute(tensor: Tensor, params: Mapping[str, np.ndarray], spec: ModelSpec) -
         return {tensor.name: quantized, f"{tensor.name}.scale": scale}
     if tensor.dtype == "fp16":
         peak = float(np.abs(out).max()) if out.size else 0.0
-        if peak > np.finfo(np.float16).max:
+        if peak > float(np.finfo(np.float16).max):  # a float comparison: numpy 2 would cast peak to fp16
             raise NonFiniteError(
                 f"{tensor.name} holds weights up to {peak:.3g}, beyond fp16's range (65504): export bf16 or fp32"
             )
