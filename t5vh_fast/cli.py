@@ -376,43 +376,7 @@ def score_command(
         t5vh-score demo-model-onnx rows.jsonl -o scored.jsonl --ref demo-model-onnx --beta 0.1
         t5vh-score demo-model-onnx rows/ -o scored/ --ray
     """
-    if ray_address is not None:
-        return _score_on_ray(
-            export_dir,
-            input_file,
-            output,
-            ref_dir,
-            beta,
-            batch_size,
-            max_tokens,
-            max_query_tokens,
-            sort_window,
-            errors_path,
-            batch_tokens,
-            fail_fast,
-            providers,
-            threads,
-            ray_address,
-            concurrency,
-        )
-    if isinstance(input_file, Path):
-        raise click.ClickException(f"{input_file} is a directory: name a JSONL file, or pass --ray to read a directory")
-    if concurrency is not None:
-        raise click.BadParameter("only with --ray", param_hint="--concurrency")
-    from . import load
-    from .job import default_errors_path, run_job
-
-    policy = load(export_dir, providers=providers, threads=threads)
-    ref_policy = load(ref_dir, providers=providers, threads=threads) if ref_dir is not None else None
-    output_path = None if output == "-" else Path(output)
-    if errors_path is None:
-        errors_path = default_errors_path(output_path)
-    summary = run_job(
-        policy,
-        input_file,
-        output_path,
-        errors_path=None if errors_path in (None, "-") else Path(errors_path),
-        ref_policy=ref_policy,
+    options = dict(
         beta=beta,
         batch_size=batch_size,
         max_tokens=max_tokens,
@@ -422,30 +386,36 @@ def score_command(
         fail_fast=fail_fast,
         progress=_stderr_is_terminal(),
     )
+    if ray_address is not None:
+        summary, errors_at = _score_on_ray(
+            export_dir, input_file, output, ref_dir, errors_path, providers, threads, ray_address, concurrency, options
+        )
+    else:
+        if isinstance(input_file, Path):
+            raise click.ClickException(
+                f"{input_file} is a directory: name a JSONL file, or pass --ray to read a directory"
+            )
+        if concurrency is not None:
+            raise click.BadParameter("only with --ray", param_hint="--concurrency")
+        from . import load
+        from .job import default_errors_path, run_job
+
+        policy = load(export_dir, providers=providers, threads=threads)
+        ref_policy = load(ref_dir, providers=providers, threads=threads) if ref_dir is not None else None
+        output_path = None if output == "-" else Path(output)
+        errors_at = default_errors_path(output_path) if errors_path is None else errors_path
+        errors_file = None if errors_at in (None, "-") else Path(errors_at)
+        summary = run_job(policy, input_file, output_path, errors_path=errors_file, ref_policy=ref_policy, **options)
     click.echo(summary.line(), err=True)
     if summary.rows_failed and not summary.rows_ok and not summary.rows_skipped:
-        raise click.ClickException(f"every row failed: see {errors_path or 'stderr'}")
+        raise click.ClickException(f"every row failed: see {errors_at or 'stderr'}")
 
 
 def _score_on_ray(
-    export_dir,
-    input_file,
-    output,
-    ref_dir,
-    beta,
-    batch_size,
-    max_tokens,
-    max_query_tokens,
-    sort_window,
-    errors_path,
-    batch_tokens,
-    fail_fast,
-    providers,
-    threads,
-    ray_address,
-    concurrency,
+    export_dir, input_file, output, ref_dir, errors, providers, threads, ray_address, concurrency, options
 ):
-    """``t5vh-score --ray``: the same job on Ray Data (``t5vh_fast.ray.run_job``)."""
+    """``t5vh-score --ray``: the same job on Ray Data (``t5vh_fast.ray.run_job``); returns its
+    ``(JobSummary, where the bad rows went)``."""
     if not isinstance(input_file, Path):
         if input_file.name in ("-", "<stdin>") or not os.path.isfile(input_file.name):
             raise click.ClickException("--ray reads files, not stdin: name the input file or directory")
@@ -453,28 +423,18 @@ def _score_on_ray(
         input_file = Path(input_file.name)
     from .ray import run_job
 
-    summary, errors_at = run_job(
+    return run_job(
         export_dir,
         input_file,
         output,
-        errors=errors_path,
+        errors=errors,
         ref_dir=ref_dir,
-        beta=beta,
-        batch_size=batch_size,
-        max_tokens=max_tokens,
-        max_query_tokens=max_query_tokens,
-        sort_window=sort_window,
-        batch_tokens=batch_tokens,
-        fail_fast=fail_fast,
-        progress=_stderr_is_terminal(),
         address=ray_address,
         concurrency=concurrency,
         providers=providers,
         threads=threads,
+        **options,
     )
-    click.echo(summary.line(), err=True)
-    if summary.rows_failed and not summary.rows_ok and not summary.rows_skipped:
-        raise click.ClickException(f"every row failed: see {errors_at or 'stderr'}")
 
 
 def _stderr_is_terminal() -> bool:

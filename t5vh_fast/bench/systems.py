@@ -164,21 +164,9 @@ def sampler(system: str, spec: dict):
             provider="CUDAExecutionProvider" if on_gpu else "CPUExecutionProvider",
             provider_options={"use_tf32": "0"} if on_gpu else None,  # fp32 against fp32
         )
-        vocab = model.config.vocab_size
 
         def run(ids, n):
-            ids = torch.from_numpy(ids).to(model.device)
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                do_sample=True,
-                top_k=0,
-                top_p=1.0,
-                max_new_tokens=n,
-                eos_token_id=vocab,
-                pad_token_id=0,
-            )
-            return out[:, 1:].cpu().numpy(), None
+            return _generate(model, torch.from_numpy(ids).to(model.device), n), None
 
         return run
 
@@ -191,23 +179,31 @@ def sampler(system: str, spec: dict):
         try:
             if system in ("hf-generate", "torch-cuda"):
                 with torch.no_grad():
-                    out = model.generate(
-                        input_ids=ids,
-                        attention_mask=torch.ones_like(ids),
-                        do_sample=True,
-                        top_k=0,
-                        top_p=1.0,
-                        max_new_tokens=n,
-                        eos_token_id=model.config.vocab_size,
-                        pad_token_id=0,
-                    )
-                return out[:, 1:].cpu().numpy(), clock
+                    return _generate(model, ids, n), clock
             rollout = model.respond_to_batch(ids, txt_len=n, use_cache=system == "torch")
             return rollout.tokens.numpy(), clock
         finally:
             handle.remove()
 
     return run
+
+
+def _generate(model, ids, n: int):
+    """``generate`` sampling exactly ``n`` tokens from the unfiltered distribution: its EOS is the vocabulary size,
+    an id the model cannot produce (``min_new_tokens`` would mask EOS instead). The new tokens, as NumPy."""
+    import torch
+
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        do_sample=True,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=n,
+        eos_token_id=model.config.vocab_size,
+        pad_token_id=0,
+    )
+    return out[:, 1:].cpu().numpy()
 
 
 def scorer(system: str, spec: dict):
