@@ -171,6 +171,11 @@ class OnnxDecoder(ABC):
         and at most ``capacity`` decoder positions (the response length; 0 = no limit known)."""
 
     @abstractmethod
+    def rows_of(self, state: DecoderState, rows: np.ndarray, *, capacity: int) -> DecoderState:
+        """A fresh state (nothing decoded yet) for the decoder ``rows`` of ``state``, made right after
+        ``encode``: the scorer runs rows of similar length together, so padding costs no decoder work."""
+
+    @abstractmethod
     def step(self, state: DecoderState, tokens: np.ndarray, select: Optional[np.ndarray] = None):
         """One decoder call on ``tokens`` (rows x T): the first step or one with the KV cache.
 
@@ -199,6 +204,10 @@ class OptimumDecoder(OnnxDecoder):
             hidden = self.to_device(np.repeat(hidden.numpy(), num_samples, axis=0))
             mask = np.repeat(mask, num_samples, axis=0)
         return DecoderState([], [], hidden, self.to_device(mask), rows=ids.shape[0] * num_samples)
+
+    def rows_of(self, state, rows, *, capacity):
+        hidden = self.to_device(state.encoder_hidden.numpy()[rows])  # one row per decoder row already
+        return DecoderState([], [], hidden, self.to_device(state.encoder_mask.numpy()[rows]), rows=len(rows))
 
     def step(self, state, tokens, select=None):
         first = not state.self_kv
@@ -317,6 +326,13 @@ class SingleDecoder(OnnxDecoder):
         capacity = capacity or 1
         cross = [out[n] for n in self._cross]
         return DecoderState(self._cache(rows, capacity), cross, None, feeds["attention_mask"], rows, 0, capacity)
+
+    def rows_of(self, state, rows, *, capacity):
+        # cross K/V are per query; each picked row gets its query's, so the new state has one sample per query
+        query = rows // (state.rows // state.encoder_mask.shape()[0])
+        cross = [self.to_device(value.numpy()[query]) for value in state.cross_kv]
+        mask = self.to_device(state.encoder_mask.numpy()[query])
+        return DecoderState(self._cache(len(rows), capacity), cross, None, mask, len(rows), 0, capacity)
 
     def step(self, state, tokens, select=None):
         rows, steps = tokens.shape

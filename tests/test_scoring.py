@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import signal
 import subprocess
@@ -16,6 +17,7 @@ import torch
 from click.testing import CliRunner
 
 import t5vh_fast
+from t5vh_fast import scoring
 from t5vh_fast.cli import score_command
 from t5vh_fast.job import score_rows
 from t5vh_fast.results import Scores
@@ -38,6 +40,67 @@ def test_score_matches_pytorch(policy, reference):
     assert np.abs(ours.entropy - ref.entropy.numpy()).max() <= tol(logits)
     np.testing.assert_array_equal(ours.response_mask, resp_mask)
     assert (ours.logprobs[resp_mask == 0] == 0).all() and (ours.entropy[resp_mask == 1] > 0).all()
+
+
+@pytest.mark.parametrize("num_samples", [1, 3])
+def test_rows_of_similar_length_are_scored_together(policy, reference, monkeypatch, num_samples):
+    """Rows cut into length groups (every distinct length its own decoder call here) give the numbers of
+    one padded call and of PyTorch; masks with holes included; no padded position
+    past a row's last scored one reaches the decoder."""
+    ids, mask = mixed_queries(4, 256, seed=33)
+    rng = np.random.default_rng(33)
+    rows = 4 * num_samples
+    responses, resp_mask = t5vh_fast.pad_batch([list(rng.integers(2, 256, size=n)) for n in rng.integers(1, 14, rows)])
+    resp_mask[1, 0] = 0  # a hole: position 0 unscored, later ones scored
+    resp_mask[2, 1:] = 0  # only the first position scored: the row is run one position long
+    fed = []
+    step = policy.decoder.step
+
+    def counting_step(state, tokens, select=None):
+        fed.append(tokens.size)
+        return step(state, tokens, select)
+
+    monkeypatch.setattr(policy.decoder, "step", counting_step)
+    monkeypatch.setattr(scoring, "CALL_COST", 0)
+    grouped = policy.score(ids, responses, mask, resp_mask)
+    lengths = scoring.scored_lengths(resp_mask)
+    assert len(fed) == len(set(lengths) - {0}) > 2 and sum(fed) == lengths.sum() < responses.size
+    monkeypatch.setattr(scoring, "CALL_COST", 10**9)
+    fed.clear()
+    whole = policy.score(ids, responses, mask, resp_mask)
+    assert len(fed) == 1
+    queries = np.repeat(ids, num_samples, axis=0), np.repeat(mask, num_samples, axis=0)
+    ref = reference.score(*queries[:1], responses, queries[1], resp_mask)
+    logits = teacher_forced(reference, queries[0], queries[1], responses).logits.numpy()
+    for name, bound in (("logprobs", tol(logits)), ("values", tol(ref.values)), ("entropy", tol(logits))):
+        ours = getattr(grouped, name)
+        assert np.abs(ours - getattr(whole, name)).max() <= bound
+        assert np.abs(ours - getattr(ref, name).numpy()).max() <= bound
+        assert (ours[resp_mask == 0] == 0).all() and (ours[resp_mask == 1] != 0).all()
+
+
+def test_length_groups_is_the_cheapest_cut():
+    """Against every way of cutting the sorted rows into consecutive groups (small cases, brute force)."""
+    rng = np.random.default_rng(34)
+    for _ in range(40):
+        lengths = rng.integers(0, 30, size=int(rng.integers(1, 9)))
+        cost = int(rng.integers(0, 40))
+        groups = scoring.length_groups(lengths, cost)
+        assert sorted(np.concatenate(groups).tolist() if groups else []) == np.flatnonzero(lengths).tolist()
+        assert all((np.diff(g) > 0).all() for g in groups)
+        spent = sum(len(g) * lengths[g].max() + cost for g in groups)
+        ordered = np.sort(lengths[lengths > 0])
+        best = min(
+            (
+                sum(len(part) * part.max() + cost for part in np.split(ordered, cuts))
+                for k in range(len(ordered))
+                for cuts in itertools.combinations(range(1, len(ordered)), k)
+            ),
+            default=0,
+        )
+        assert spent == best
+    assert len(scoring.length_groups(np.array([3, 3, 10, 10]), 64)) == 1
+    assert [g.tolist() for g in scoring.length_groups(np.array([60, 2, 60, 2, 0, 2]), 64)] == [[1, 3, 5], [0, 2]]
 
 
 def test_kl_and_reward_formulas(policy):
