@@ -307,6 +307,7 @@ class SingleDecoder(OnnxDecoder):
         # the KV cache is kept in the type each layer's self-attention computes in
         self._cache_types = [_ELEMENT_TYPES[names[name].type] for name in self._past]
         self._encoder_bias, self._decoder_bias, self._positions = {}, {}, {}
+        self._vocab = int(self.host["embedding"].shape[0])
 
     def with_weights(self, arrays):
         """As ``OnnxDecoder.with_weights``; ``arrays["host"]`` replaces the NumPy tables."""
@@ -339,6 +340,7 @@ class SingleDecoder(OnnxDecoder):
         if state.length + steps > state.capacity:
             state = self._grown(state, state.length + steps)
         binding = state.binding or self._binding(state)
+        picked = rows * steps if select is None else len(select)
         if select is None:
             select = self._all_positions(rows * steps)
         else:
@@ -347,17 +349,22 @@ class SingleDecoder(OnnxDecoder):
         binding.bind_ortvalue_input("position_bias", self._decoder_position_bias(state.length, steps))
         binding.bind_ortvalue_input("select", select)
         binding.bind_cpu_input("past_length", np.array([state.length], dtype=np.int32))
+        # logits and values land in NumPy's memory, not onnxruntime's arena: NumPy hands a large block back
+        # to the system when it is freed, where the arena keeps it, and grew to fit each new size (scoring's
+        # calls of every size: job peak 797 -> 711 MB)
+        logits = np.empty((picked, self._vocab), dtype=np.float32)
+        value = np.empty(picked, dtype=np.float32)
+        binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
+        binding.bind_ortvalue_output("value", ort.OrtValue.ortvalue_from_numpy(value))
         self.graphs[1].session.run_with_iobinding(binding)
-        logits, value = binding.get_outputs()[:2]
         new_state = dataclasses.replace(state, length=state.length + steps, binding=binding)  # cache written in place
-        return logits.numpy(), value.numpy(), new_state
+        return logits, value, new_state
 
     def _binding(self, state: DecoderState):
         """An IO binding for one rollout: the encoder mask, cross K/V and the cache (read and written in place)
-        stay bound; each step binds only its tokens, position bias, positions and past length."""
+        stay bound; each step binds only its tokens, position bias, positions and past length, and the
+        NumPy arrays its logits and values are written into."""
         binding = self.graphs[1].session.io_binding()
-        for name in ("logits", "value"):  # bound first: get_outputs() lists outputs in the order they were bound
-            binding.bind_output(name, "cpu")
         binding.bind_ortvalue_input("encoder_mask", state.encoder_mask)
         for name, value in zip(self._cross, state.cross_kv):
             binding.bind_ortvalue_input(name, value)

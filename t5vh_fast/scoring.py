@@ -41,13 +41,14 @@ def score(
     decoder_ids = np.concatenate(
         [np.full((batch, 1), decoder_start_token_id, dtype=np.int64), responses[:, :-1]], axis=1
     )
-    state = decoder.encode(ids, mask, num_samples=num_samples, capacity=length)
-    out = np.zeros((3, batch * length), dtype=np.float32)  # log-probs, values, entropy
     lengths = scored_lengths(response_mask)
     groups = length_groups(lengths) if decoder.device == "cpu" else [np.flatnonzero(lengths)]
+    whole = len(groups) == 1 and len(groups[0]) == batch  # one call on the batch as it is
+    # the KV cache encode() allocates is only used by that one call; groups get their own
+    state = decoder.encode(ids, mask, num_samples=num_samples, capacity=int(lengths.max()) if whole else 1)
+    out = np.zeros((3, batch * length), dtype=np.float32)  # log-probs, values, entropy
     for rows in groups:
         steps = int(lengths[rows].max())
-        whole = len(groups) == 1 and len(rows) == batch
         part = state if whole else decoder.rows_of(state, rows, capacity=steps)
         real = np.flatnonzero(response_mask[rows, :steps].reshape(-1))
         logits, values, _ = decoder.step(part, decoder_ids[rows, :steps], select=real)
