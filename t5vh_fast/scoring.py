@@ -42,7 +42,10 @@ def score(
         [np.full((batch, 1), decoder_start_token_id, dtype=np.int64), responses[:, :-1]], axis=1
     )
     lengths = scored_lengths(response_mask)
-    groups = length_groups(lengths) if decoder.device == "cpu" else [np.flatnonzero(lengths)]
+    if decoder.device == "cpu":
+        groups = length_groups(lengths)
+    else:  # a GPU's wide GEMMs make padding cheap: the batch as it is, in one call
+        groups = [np.arange(batch)] if lengths.any() else []
     whole = len(groups) == 1 and len(groups[0]) == batch  # one call on the batch as it is
     # the KV cache encode() allocates is only used by that one call; groups get their own
     state = decoder.encode(ids, mask, num_samples=num_samples, capacity=int(lengths.max()) if whole else 1)
