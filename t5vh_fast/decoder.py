@@ -3,8 +3,10 @@
 Two layouts run Optimum's graphs: ``split`` (``decoder_model.onnx`` for the
 first step, ``decoder_with_past_model.onnx`` after it) and ``merged``
 (``decoder_model_merged.onnx``, one graph with an ``If`` on
-``use_cache_branch``). Both have the same small interface, ``encode`` once and
-then ``step`` per call, so the sampler and the scorer never branch on layout.
+``use_cache_branch``). Every layout has the same small interface, ``encode``
+once and then ``step`` per call (the scorer also takes ``rows_of`` a state, to
+run rows of similar length together), so the sampler and the scorer never
+branch on layout.
 
 Every graph runs through IO binding: past key/values stay as ``OrtValue``s
 between steps (on the GPU under CUDA); only logits and values come back to the
@@ -173,7 +175,8 @@ class OnnxDecoder(ABC):
     @abstractmethod
     def rows_of(self, state: DecoderState, rows: np.ndarray, *, capacity: int) -> DecoderState:
         """A fresh state (nothing decoded yet) for the decoder ``rows`` of ``state``, made right after
-        ``encode``: the scorer runs rows of similar length together, so padding costs no decoder work."""
+        ``encode``: the scorer runs rows of similar length together, so padding costs no decoder work.
+        Reads the encoder's outputs on the host (the scorer calls it on the CPU only)."""
 
     @abstractmethod
     def step(self, state: DecoderState, tokens: np.ndarray, select: Optional[np.ndarray] = None):
