@@ -26,25 +26,30 @@ def score(
     num_samples: int = 1,
     precision: str = "fp32",
     weights_version=None,
+    by_length: Optional[bool] = None,
 ) -> Scores:
     """Score checked R x T ``responses`` for checked B x S queries (R = B x num_samples, query-major):
     one encoder call per query, then decoder calls over rows of similar length.
 
     Only the responses' real (unmasked) positions reach the LM head and the
-    log-softmax; the rest of each R x T result is 0. On the CPU the rows are
-    cut into groups of similar scored length (``length_groups``) and each group
-    runs only as many positions as its longest row: attention is causal, so the
-    positions after a row's last scored one change nothing, and a batch of
-    ragged responses no longer pays decoder layers for its padding.
+    log-softmax; the rest of each R x T result is 0. With ``by_length`` (the
+    default on the CPU) the rows are cut into groups of similar scored length
+    (``length_groups``) and each group runs only as many positions as its
+    longest row: attention is causal, so the positions after a row's last
+    scored one change nothing, and a batch of ragged responses no longer pays
+    decoder layers for its padding. Without it (the default on a GPU, whose
+    wide GEMMs make padding cheap) the batch is one decoder call.
     """
     batch, length = responses.shape
     decoder_ids = np.concatenate(
         [np.full((batch, 1), decoder_start_token_id, dtype=np.int64), responses[:, :-1]], axis=1
     )
     lengths = scored_lengths(response_mask)
-    if decoder.device == "cpu":
+    if by_length is None:
+        by_length = decoder.device == "cpu"
+    if by_length:
         groups = length_groups(lengths)
-    else:  # a GPU's wide GEMMs make padding cheap: the batch as it is, in one call
+    else:
         groups = [np.arange(batch)] if lengths.any() else []
     whole = len(groups) == 1 and len(groups[0]) == batch  # one call on the batch as it is
     # the KV cache encode() allocates is only used by that one call; groups get their own

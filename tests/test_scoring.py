@@ -79,6 +79,60 @@ def test_rows_of_similar_length_are_scored_together(policy, reference, monkeypat
         assert (ours[resp_mask == 0] == 0).all() and (ours[resp_mask == 1] != 0).all()
 
 
+def test_scoring_by_length_or_in_one_call(policy, monkeypatch):
+    """Called directly (as the policy does): one decoder call on the batch as it is, without copies, when
+    one group holds every row or ``by_length=False`` (a GPU's default); a row with nothing to score gets
+    zeros either way and no decoder work when grouped; the numbers agree."""
+    decoder = policy.decoder
+    ids, mask = mixed_queries(6, 256, seed=35)
+    rng = np.random.default_rng(35)
+    responses, resp_mask = t5vh_fast.pad_batch([list(rng.integers(2, 256, size=n)) for n in (3, 9, 4, 9, 2, 6)])
+    resp_mask[3] = 0  # nothing to score in row 3 (score() refuses it; the scorer must still cope)
+    calls = {"step": [], "rows_of": 0, "grown": 0}
+    step, rows_of = decoder.step, decoder.rows_of
+
+    def counting_step(state, tokens, select=None):
+        calls["step"].append(tokens.shape)
+        return step(state, tokens, select)
+
+    def counting_rows_of(*args, **kwargs):
+        calls["rows_of"] += 1
+        return rows_of(*args, **kwargs)
+
+    monkeypatch.setattr(decoder, "step", counting_step)
+    monkeypatch.setattr(decoder, "rows_of", counting_rows_of)
+    if hasattr(decoder, "_grown"):  # the single layout's cache copy: a one-call batch gets a cache long enough
+        grown = decoder._grown
+
+        def counting_grown(*args):
+            calls["grown"] += 1
+            return grown(*args)
+
+        monkeypatch.setattr(decoder, "_grown", counting_grown)
+    results = {}
+    for by_length, cost in ((False, 64), (True, 10**9), (True, 0)):
+        monkeypatch.setattr(scoring, "CALL_COST", cost)
+        calls.update(step=[], rows_of=0, grown=0)
+        results[by_length, cost] = scoring.score(
+            decoder, ids, mask, responses, resp_mask, decoder_start_token_id=0, by_length=by_length
+        )
+        assert calls["grown"] == 0
+        if not by_length:  # every row, the empty one too, in one call on the state encode() made
+            assert calls["step"] == [(6, 9)] and calls["rows_of"] == 0
+        elif cost:  # one group: the five rows that have something to score, taken out of the batch
+            assert calls["step"] == [(5, 9)] and calls["rows_of"] == 1
+        else:  # a call per distinct length, 2 + 3 + 4 + 6 + 9 positions
+            assert sorted(calls["step"]) == [(1, 2), (1, 3), (1, 4), (1, 6), (1, 9)] and calls["rows_of"] == 5
+    one_call = results[False, 64]
+    for result in results.values():
+        for name in ("logprobs", "values", "entropy"):
+            ours, reference = getattr(result, name), getattr(one_call, name)
+            assert (ours[3] == 0).all() and (ours[resp_mask == 1] != 0).all()
+            assert np.abs(ours - reference).max() <= tol(reference)
+    scores = policy.score(ids[[0, 2]], responses[[0, 2]], mask[[0, 2]], resp_mask[[0, 2]])
+    assert np.abs(scores.logprobs - one_call.logprobs[[0, 2]]).max() <= tol(one_call.logprobs)
+
+
 def test_length_groups_is_the_cheapest_cut():
     """Against every way of cutting the sorted rows into consecutive groups (small cases, brute force)."""
     rng = np.random.default_rng(34)
