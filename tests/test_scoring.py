@@ -79,7 +79,7 @@ def test_rows_of_similar_length_are_scored_together(policy, reference, monkeypat
         assert (ours[resp_mask == 0] == 0).all() and (ours[resp_mask == 1] != 0).all()
 
 
-def test_scoring_by_length_or_in_one_call(policy, monkeypatch):
+def test_score_by_length_or_in_one_call(policy, monkeypatch):
     """Called directly (as the policy does): one decoder call on the batch as it is, without copies, when
     one group holds every row or ``by_length=False`` (a GPU's default); a row with nothing to score gets
     zeros either way and no decoder work when grouped; the numbers agree."""
@@ -133,7 +133,7 @@ def test_scoring_by_length_or_in_one_call(policy, monkeypatch):
     assert np.abs(scores.logprobs - one_call.logprobs[[0, 2]]).max() <= tol(one_call.logprobs)
 
 
-def test_length_groups_is_the_cheapest_cut():
+def test_score_length_groups_are_the_cheapest_cut():
     """Against every way of cutting the sorted rows into consecutive groups (small cases, brute force)."""
     rng = np.random.default_rng(34)
     for _ in range(40):
