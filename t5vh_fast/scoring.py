@@ -63,8 +63,9 @@ def score(
         chosen = np.take_along_axis(logits, responses[rows, :steps].reshape(-1)[real, None], axis=-1)[:, 0]
         lse, entropy = log_normalizer_and_entropy(logits)
         positions = rows[real // steps] * length + real % steps  # flat positions in the R x T result
-        check_scores_finite(positions, length, chosen - lse, values, entropy)
         out[:, positions] = chosen - lse, values, entropy
+    scored = np.flatnonzero(response_mask.reshape(-1))
+    check_scores_finite(scored, length, *out[:, scored])  # after every group: the first bad row is named
     logprobs, values, entropy = out.reshape(3, batch, length)
     return Scores(
         logprobs=logprobs,

@@ -26,6 +26,7 @@ from click.testing import CliRunner
 
 import t5vh_fast
 from t5vh_fast import job as job_module
+from t5vh_fast import scoring
 from t5vh_fast._files import exclusive_lock, same_regular_file, write_json_atomic
 from t5vh_fast.cli import export_command, sample_command, score_command
 from t5vh_fast.demo import build_model
@@ -337,7 +338,7 @@ def test_odd_bytes_cost_only_their_own_row(tmp_path, tiny_export, monkeypatch):
 # ---------------------------------------------------------------------- 5. NaN never passes as parity
 
 
-def test_score_refuses_non_finite_numbers_naming_the_row(nan_export):
+def test_score_refuses_non_finite_numbers_naming_the_row(nan_export, monkeypatch):
     policy = t5vh_fast.load(nan_export, providers="cpu")
     ids, mask = t5vh_fast.pad_batch([[5, 6, 1], [5, 9, 1], [7, 1]])
     with pytest.raises(NonFiniteError, match="row 1, response position 0"):
@@ -346,6 +347,12 @@ def test_score_refuses_non_finite_numbers_naming_the_row(nan_export):
         policy.respond_to_batch(ids, mask, txt_len=2, seed=0)
     fine = policy.score(ids[[0, 2]], [[7, 8]] * 2, mask[[0, 2]])
     assert np.isfinite(fine.logprobs).all()
+    # rows scored in length groups (one per length here): still the first bad row, not the first bad group
+    monkeypatch.setattr(scoring, "CALL_COST", 0)
+    ids, mask = t5vh_fast.pad_batch([[5, 6, 1], [5, 9, 1], [7, 1], [9, 1]])
+    responses, resp_mask = t5vh_fast.pad_batch([[7, 8, 9], [7, 8, 9, 10], [7, 8], [7]])
+    with pytest.raises(NonFiniteError, match="row 1, response position 0"):
+        policy.score(ids, responses, mask, resp_mask)
 
 
 def test_reference_score_refuses_non_finite_numbers():
