@@ -481,6 +481,14 @@ def _int_list(ctx, param, value):
     show_default=True,
     help="Seconds one run may take before it is reported as too slow.",
 )
+@click.option(
+    "--repeat",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Rounds: every cell runs this many times, round by round; the table gives medians and ranges, "
+    "and each speed-up is the median of ratios between runs of the same round.",
+)
 @click.option("--quick", is_flag=True, help="Batch sizes 1,4, 16 new tokens, 64 scoring rows: a minute or two.")
 @click.option(
     "--cache-dir",
@@ -492,7 +500,7 @@ def _int_list(ctx, param, value):
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None, help="Write a PNG of the results.")
 @user_errors
 def bench_command(
-    size, workload, systems, batch_sizes, new_tokens, rows, threads, cap, quick, cache_dir, json_path, plot_path
+    size, workload, systems, batch_sizes, new_tokens, rows, threads, cap, repeat, quick, cache_dir, json_path, plot_path
 ):
     """Compare t5vh with PyTorch, transformers generate, Optimum and CTranslate2, side by side.
 
@@ -506,6 +514,7 @@ def bench_command(
         t5vh-bench --quick --size tiny --json bench.json --plot bench.png
         t5vh-bench --systems t5vh,t5vh-int8,ct2,ct2-int8 --batch-sizes 1,16 --new-tokens 64
         t5vh-bench --workload score --systems t5vh,ct2,torch
+        t5vh-bench --systems t5vh-int8,ct2-int8 --batch-sizes 64 --repeat 3   # a noisy machine
     """
     from ._files import write_json_atomic
     from .bench import SYSTEMS, available_systems, markdown, plot, run_benchmark, why_unavailable
@@ -544,6 +553,7 @@ def bench_command(
         new_tokens=new_tokens,
         rows=rows,
         cap=cap,
+        repeat=repeat,
         progress=_stderr_is_terminal(),
     )
     report["command"] = " ".join(["t5vh-bench", *sys.argv[1:]])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from click.testing import CliRunner
 
@@ -61,3 +63,60 @@ def test_gpu_systems_are_refused_without_a_gpu(monkeypatch, tmp_path):
     monkeypatch.setattr(providers_module, "cuda_device_present", lambda: False)
     result = CliRunner().invoke(bench_command, ["--systems", "torch-cuda", "--cache-dir", str(tmp_path)])
     assert result.exit_code != 0 and "cannot run here (torch-cuda: no GPU" in result.output
+
+
+def test_repeated_runs_are_compared_round_by_round():
+    def row(system, i, tps, rss=100.0):
+        return {
+            "system": system,
+            "batch": 64,
+            "round": i,
+            "tokens_per_s": tps,
+            "step_ms_p50": 1000.0 / tps,
+            "step_ms_p95": 2000.0 / tps,
+            "per_step_timed": True,
+            "ttft_ms": 10.0,
+            "peak_rss_mb": rss,
+        }
+
+    # the machine slows down in round 1 for both; round 3's torch run failed
+    results = [row("t5vh", 0, 1000.0), row("torch", 0, 500.0), row("t5vh", 1, 500.0, rss=120.0), row("torch", 1, 250.0)]
+    results += [row("t5vh", 2, 900.0), row("torch", 2, 300.0), row("t5vh", 3, 950.0)]
+    results.append({"system": "torch", "batch": 64, "round": 3, "error": "over the 120 s cap"})
+    report = {"results": results}
+    assert bench.ratio_runs(report) == {("torch", 64): [2.0, 2.0, 3.0]}
+    assert bench.ratios(report) == [(64, "torch", 2.0)]  # not median(t5vh) / median(torch) = 925 / 300
+    rows = {r["system"]: r for r in bench.summary(report)}
+    assert rows["t5vh"]["tokens_per_s"] == 925.0 and rows["t5vh"]["tokens_per_s_range"] == (500.0, 1000.0)
+    assert rows["t5vh"]["runs"] == 4 and rows["t5vh"]["peak_rss_mb"] == 120.0  # memory: the largest run
+    assert rows["torch"]["runs"] == 3 and rows["torch"]["tokens_per_s"] == 300.0
+    machine = {"cpu": "x", "cores": 2, "threads": 2, "providers": ["CPUExecutionProvider"], "versions": {}}
+    workload = {"query_tokens": 64, "new_tokens": 128, "batch_sizes": [64], "repeat": 4}
+    systems = {s: bench.SYSTEMS[s].description for s in ("t5vh", "torch")}
+    table = bench.markdown({**report, "machine": machine, "workload": workload, "systems": systems})
+    assert "| torch |  | 64 | 300 (250-500) |" in table and "| 2.00x (2.00-3.00) |" in table
+    assert "| t5vh |  | 64 | 925 (500-1000) |" in table and "Every cell ran 4 times" in table
+    # every run of a cell failed: the cell shows the error
+    failed = {"results": [{"system": "torch", "batch": 1, "round": i, "error": "boom"} for i in range(2)]}
+    assert bench.summary(failed) == [failed["results"][0]] and bench.ratios(failed) == []
+
+
+def test_bench_repeat_runs_every_cell_in_rounds(tmp_path):
+    json_path = tmp_path / "bench.json"
+    args = ["--size", "tiny", "--systems", "t5vh,torch", "--batch-sizes", "2", "--new-tokens", "2", "--repeat", "2"]
+    result = CliRunner().invoke(
+        bench_command, [*args, "--cache-dir", str(tmp_path / "cache"), "--json", str(json_path)]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(json_path.read_text())
+    assert report["workload"]["repeat"] == 2
+    assert sorted((r["round"], r["system"]) for r in report["results"]) == [
+        (0, "t5vh"),
+        (0, "torch"),
+        (1, "t5vh"),
+        (1, "torch"),
+    ]
+    assert all(r["tokens_per_s"] > 0 for r in report["results"])
+    assert "| t5vh | fp32 | 2 |" in result.output and "Every cell ran 2 times" in result.output
+    bad = CliRunner().invoke(bench_command, ["--repeat", "0"])
+    assert bad.exit_code != 0 and "--repeat" in bad.output

@@ -11,7 +11,7 @@ length, batches of 32). Every system gets the same thread count.
     report.py   running them, and the table, JSON and plot
 """
 
-from .report import baseline_of, machine_info, markdown, plot, ratios, run_benchmark, spawn
+from .report import baseline_of, machine_info, markdown, plot, ratio_runs, ratios, run_benchmark, spawn, summary
 from .systems import GPU_SYSTEMS, SCORE_SYSTEMS, SYSTEMS, StepClock, available_systems, ct2_model, why_unavailable
 from .workers import QUERY_LEN, peak_rss_mb, rollout_parity, rss_mb, score_batches
 
@@ -28,11 +28,13 @@ __all__ = [
     "markdown",
     "peak_rss_mb",
     "plot",
+    "ratio_runs",
     "ratios",
     "rollout_parity",
     "rss_mb",
     "run_benchmark",
     "score_batches",
     "spawn",
+    "summary",
     "why_unavailable",
 ]

@@ -10,6 +10,7 @@ import sys
 import time
 from importlib import metadata
 from pathlib import Path
+from statistics import median
 
 from .systems import GPU_SYSTEMS, SYSTEMS
 from .workers import QUERY_LEN, SCORE_BATCH, SCORE_ROWS
@@ -88,6 +89,7 @@ def run_benchmark(
     new_tokens: int = 128,
     rows: int = SCORE_ROWS,
     cap: float,
+    repeat: int = 1,
     progress: bool = True,
 ) -> dict:
     """Every system of ``systems`` in its own process, then the report as a dict.
@@ -95,15 +97,19 @@ def run_benchmark(
     ``base``: ``model_dir``, ``export_dir`` (fp32), ``int8_dir`` (when t5vh-int8
     runs), ``cache_dir``, ``threads``. ``workload``: ``"sample"`` (every system at
     every batch size) or ``"score"`` (every system on the same sorted batches).
+    ``repeat``: rounds; each round runs every (system, batch size) once, so a
+    ratio is taken between runs of the same round (``ratio_runs``) and a
+    machine that slows down for a while slows both sides of it.
     """
     from tqdm import tqdm
 
     if workload == "score":
-        jobs = [("score", {**base, "system": s, "rows": rows}) for s in systems]
+        cells = [("score", {**base, "system": s, "rows": rows}) for s in systems]
     else:
-        jobs = [
+        cells = [
             ("run", {**base, "system": s, "batch": b, "new_tokens": new_tokens}) for b in batch_sizes for s in systems
         ]
+    jobs = [(kind, spec, i) for i in range(repeat) for kind, spec in cells]
     gaps = [s for s in REDUCED if s in systems and "int8" in " ".join(systems)]
     results, extra = [], {}
     with tqdm(total=len(jobs) + 3, disable=not progress, file=sys.stderr, unit="run") as bar:
@@ -121,9 +127,13 @@ def run_benchmark(
             bar.set_description("precision gaps")
             extra["gaps"] = spawn("gap", {**base, "systems": gaps}, max(cap, 600))
         bar.update()
-        for kind, spec in jobs:
-            bar.set_description(f"{spec['system']}" + (f" B={spec['batch']}" if "batch" in spec else ""))
-            results.append(spawn(kind, spec, cap))
+        for kind, spec, i in jobs:
+            bar.set_description(
+                f"{spec['system']}"
+                + (f" B={spec['batch']}" if "batch" in spec else "")
+                + (f" ({i + 1}/{repeat})" if repeat > 1 else "")
+            )
+            results.append({**spawn(kind, spec, cap), "round": i})
             bar.update()
     if workload == "score":
         shape = {"rows": rows, "batch_size": SCORE_BATCH, "query_tokens": "8-64", "response_tokens": "4-64"}
@@ -132,7 +142,7 @@ def run_benchmark(
     return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": machine_info(base["threads"]),
-        "workload": {"kind": workload, "batch_sizes": list(batch_sizes), **shape},
+        "workload": {"kind": workload, "batch_sizes": list(batch_sizes), "repeat": repeat, **shape},
         "systems": {s: SYSTEMS[s].description for s in systems},
         "precision": {s: SYSTEMS[s].precision for s in systems},
         "results": results,
@@ -145,15 +155,51 @@ def baseline_of(system: str) -> str:
     return SYSTEMS[system].baseline if system in SYSTEMS else "t5vh"
 
 
-def ratios(report: dict) -> list:
-    """(batch, other system, its t5vh baseline's tokens/s / its tokens/s) for every measured pair."""
-    by = {(r["system"], r.get("batch")): r for r in report["results"] if "error" not in r}
-    out = []
-    for (system, batch), r in sorted(by.items(), key=lambda kv: (kv[0][1] or 0, kv[0][0])):
-        ours = by.get((baseline_of(system), batch))
+def ratio_runs(report: dict) -> dict:
+    """``{(other system, batch): [its t5vh baseline's tokens/s / its tokens/s, one per round]}``.
+
+    Only runs of the same round are compared (a result without ``round`` is round 0).
+    """
+    by = {(r["system"], r.get("batch"), r.get("round", 0)): r for r in report["results"] if "error" not in r}
+    out = {}
+    for (system, batch, i), r in sorted(by.items(), key=lambda kv: (kv[0][1] or 0, kv[0][0], kv[0][2])):
+        ours = by.get((baseline_of(system), batch, i))
         if ours and system != baseline_of(system):
-            out.append((batch, system, ours["tokens_per_s"] / r["tokens_per_s"]))
+            out.setdefault((system, batch), []).append(ours["tokens_per_s"] / r["tokens_per_s"])
     return out
+
+
+def ratios(report: dict) -> list:
+    """(batch, other system, the median over rounds of its t5vh baseline's tokens/s / its tokens/s)."""
+    runs = ratio_runs(report)
+    return [(b, s, median(runs[s, b])) for s, b in sorted(runs, key=lambda k: (k[1] or 0, k[0]))]
+
+
+def summary(report: dict) -> list:
+    """One row per (system, batch) over its rounds: the median of every measured number (peak RSS:
+    the largest), ``runs``, and ``tokens_per_s_range``; a cell whose every run failed keeps its first error."""
+    cells = {}
+    for r in report["results"]:
+        cells.setdefault((r["system"], r.get("batch")), []).append(r)
+    rows = []
+    for runs in cells.values():
+        ok = [r for r in runs if "error" not in r]
+        if not ok:
+            rows.append(runs[0])
+            continue
+        row = dict(ok[0], runs=len(ok))
+        for key, value in ok[0].items():
+            if isinstance(value, float) and key != "round":
+                row[key] = (max if key == "peak_rss_mb" else median)([r[key] for r in ok])
+        speeds = [r["tokens_per_s"] for r in ok]
+        row["tokens_per_s_range"] = (min(speeds), max(speeds))
+        rows.append(row)
+    return rows
+
+
+def _spread(values, fmt: str) -> str:
+    """`` (low-high)`` when there is more than one value."""
+    return f" ({fmt.format(min(values))}-{fmt.format(max(values))})" if len(values) > 1 else ""
 
 
 def markdown(report: dict) -> str:
@@ -164,7 +210,16 @@ def markdown(report: dict) -> str:
         "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
     ]
     precision = report.get("precision", {})
-    speedups = {(s, b): x for b, s, x in ratios(report)}
+    runs = ratio_runs(report)
+    rows = summary(report)
+
+    def speedup(system, batch) -> str:
+        x = runs.get((system, batch))
+        return "" if x is None else f"{median(x):.2f}x" + _spread(x, "{:.2f}")
+
+    def speed(r) -> str:
+        return f"{r['tokens_per_s']:.0f}" + _spread(r["tokens_per_s_range"], "{:.0f}")
+
     if w.get("kind") == "score":
         lines += [
             f"Workload: scoring {w['rows']} rows of {w['query_tokens']} query and {w['response_tokens']} response "
@@ -173,14 +228,13 @@ def markdown(report: dict) -> str:
             "| system | precision | response tokens/s | rows/s | peak RSS MB | t5vh speed-up |",
             "|---|---|---:|---:|---:|---:|",
         ]
-        for r in sorted(report["results"], key=lambda r: r["system"]):
+        for r in sorted(rows, key=lambda r: r["system"]):
             if "error" in r:
                 lines.append(f"| {r['system']} | {precision.get(r['system'], '')} | {r['error']} | | | |")
                 continue
-            x = speedups.get((r["system"], None))
             lines.append(
-                f"| {r['system']} | {precision.get(r['system'], '')} | {r['tokens_per_s']:.0f} | {r['rows_per_s']:.1f} "
-                f"| {r['peak_rss_mb']:.0f} | {'' if x is None else f'{x:.2f}x'} |"
+                f"| {r['system']} | {precision.get(r['system'], '')} | {speed(r)} | {r['rows_per_s']:.1f} "
+                f"| {r['peak_rss_mb']:.0f} | {speedup(r['system'], None)} |"
             )
     else:
         lines += [
@@ -189,16 +243,15 @@ def markdown(report: dict) -> str:
             "| system | precision | batch | tokens/s | ms/step p50 | ms/step p95 | first token ms | peak RSS MB | t5vh speed-up |",
             "|---|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
-        for r in sorted(report["results"], key=lambda r: (r["batch"], r["system"])):
+        for r in sorted(rows, key=lambda r: (r["batch"], r["system"])):
             p = precision.get(r["system"], "")
             if "error" in r:
                 lines.append(f"| {r['system']} | {p} | {r['batch']} | {r['error']} | | | | | |")
                 continue
             p95 = f"{r['step_ms_p95']:.2f}" if r["per_step_timed"] else "n/a (mean)"
-            x = speedups.get((r["system"], r["batch"]))
             lines.append(
-                f"| {r['system']} | {p} | {r['batch']} | {r['tokens_per_s']:.0f} | {r['step_ms_p50']:.2f} | {p95} | "
-                f"{r['ttft_ms']:.0f} | {r['peak_rss_mb']:.0f} | {'' if x is None else f'{x:.2f}x'} |"
+                f"| {r['system']} | {p} | {r['batch']} | {speed(r)} | {r['step_ms_p50']:.2f} | {p95} | "
+                f"{r['ttft_ms']:.0f} | {r['peak_rss_mb']:.0f} | {speedup(r['system'], r['batch'])} |"
             )
     lines.append("")
     lines.append("Systems: " + "; ".join(f"`{k}` = {v}" for k, v in report["systems"].items()))
@@ -207,6 +260,12 @@ def markdown(report: dict) -> str:
         "(t5vh for fp32, t5vh-int8 for int8"
         + (", t5vh-cuda for the GPU systems)" if any(s in GPU_SYSTEMS for s in report["systems"]) else ")")
     )
+    if w.get("repeat", 1) > 1:
+        lines.append(
+            f"Every cell ran {w['repeat']} times, round by round: tokens/s and ms are medians with the lowest-highest "
+            "tokens/s in brackets, peak RSS the largest, and the speed-up the median (lowest-highest) of the ratios "
+            "between runs of the same round"
+        )
     lines += _floor_lines(report) + _parity_lines(report) + _gap_lines(report)
     return "\n".join(lines)
 
@@ -216,7 +275,7 @@ def _floor_lines(report: dict) -> list:
     if "floor_ms" not in f:
         return []
     ours = next(
-        (r for r in report["results"] if r["system"] == "t5vh" and r.get("batch") == 1 and "error" not in r), None
+        (r for r in summary(report) if r["system"] == "t5vh" and r.get("batch") == 1 and "error" not in r), None
     )
     share = (
         f", t5vh at batch 1: {ours['step_ms_p50']:.2f} ms/step = {100 * f['floor_ms'] / ours['step_ms_p50']:.0f}% of the floor"
@@ -273,7 +332,7 @@ def plot(report: dict, path: Path) -> None:
     w = report["workload"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     if w.get("kind") == "score":
-        ok = [r for r in report["results"] if "error" not in r]
+        ok = [r for r in summary(report) if "error" not in r]
         names = [r["system"] for r in ok]
         ax.barh(names, [r["tokens_per_s"] for r in ok], color=["C0" if n.startswith("t5vh") else "C7" for n in names])
         ax.set_xlabel("response tokens / s")
@@ -281,7 +340,7 @@ def plot(report: dict, path: Path) -> None:
     else:
         for system in report["systems"]:
             points = sorted(
-                (r["batch"], r["tokens_per_s"]) for r in report["results"] if r["system"] == system and "error" not in r
+                (r["batch"], r["tokens_per_s"]) for r in summary(report) if r["system"] == system and "error" not in r
             )
             if points:
                 ax.plot(*zip(*points), marker="o", label=system, linewidth=2.5 if system.startswith("t5vh") else 1.2)
