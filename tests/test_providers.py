@@ -140,6 +140,26 @@ def test_provider_entries_carry_every_setting(tiny_export, tmp_path):
     assert bf16[0][1]["trt_bf16_enable"] == "True"
 
 
+SPINNING = "session.intra_op.allow_spinning"
+
+
+def test_only_the_encoders_threads_sleep_after_a_run(policy):
+    """Each session owns a thread pool; a pool that spins after its run steals the cores the other
+    session's next run needs. The encoder runs once per batch: its threads sleep. The decoder runs
+    step after step: its threads spin (and after an update_weights too)."""
+
+    def spinning(graph) -> bool:
+        try:
+            return graph.session.get_session_options().get_session_config_entry(SPINNING) != "0"
+        except RuntimeError:  # not set: onnxruntime's default, spinning
+            return True
+
+    encoder, *decoders = policy.decoder.graphs
+    assert not spinning(encoder) and all(spinning(g) for g in decoders)
+    encoder, *decoders = policy.decoder.with_weights({}).graphs
+    assert not spinning(encoder) and all(spinning(g) for g in decoders)
+
+
 # ---------------------------------------------------------------------- TensorRT profiles and cache
 
 WITH_PAST_INPUTS = {
