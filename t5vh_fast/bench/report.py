@@ -334,16 +334,26 @@ def plot(report: dict, path: Path) -> None:
     if w.get("kind") == "score":
         ok = [r for r in summary(report) if "error" not in r]
         names = [r["system"] for r in ok]
-        ax.barh(names, [r["tokens_per_s"] for r in ok], color=["C0" if n.startswith("t5vh") else "C7" for n in names])
+        speed = [r["tokens_per_s"] for r in ok]
+        spread = [[x - r["tokens_per_s_range"][0] for x, r in zip(speed, ok)]]
+        spread.append([r["tokens_per_s_range"][1] - x for x, r in zip(speed, ok)])
+        colors = ["C0" if n.startswith("t5vh") else "C7" for n in names]
+        ax.barh(names, speed, xerr=spread, capsize=3, color=colors)
         ax.set_xlabel("response tokens / s")
         ax.set_title(f"Scoring {w['rows']} rows, batches of {w['batch_size']} ({report['machine']['threads']} threads)")
     else:
         for system in report["systems"]:
-            points = sorted(
-                (r["batch"], r["tokens_per_s"]) for r in summary(report) if r["system"] == system and "error" not in r
+            rows = sorted(
+                (r for r in summary(report) if r["system"] == system and "error" not in r), key=lambda r: r["batch"]
             )
-            if points:
-                ax.plot(*zip(*points), marker="o", label=system, linewidth=2.5 if system.startswith("t5vh") else 1.2)
+            if rows:  # the median, with the lowest..highest run as an error bar when cells ran several times
+                speed = [r["tokens_per_s"] for r in rows]
+                spread = [[x - r["tokens_per_s_range"][0] for x, r in zip(speed, rows)]]
+                spread.append([r["tokens_per_s_range"][1] - x for x, r in zip(speed, rows)])
+                width = 2.5 if system.startswith("t5vh") else 1.2
+                ax.errorbar(
+                    [r["batch"] for r in rows], speed, yerr=spread, marker="o", capsize=3, label=system, linewidth=width
+                )
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xticks(w["batch_sizes"], [str(b) for b in w["batch_sizes"]])
