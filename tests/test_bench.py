@@ -54,9 +54,14 @@ def test_batch_256_and_the_gpu_line_of_the_table():
         "ttft_ms": 1.0,
         "peak_rss_mb": 1.0,
     }
-    table = bench.markdown({"machine": machine, "workload": workload, "systems": systems, "results": [result]})
+    torch_cuda = {**result, "system": "torch-cuda", "tokens_per_s": 0.5}
+    results = [result, torch_cuda]
+    table = bench.markdown({"machine": machine, "workload": workload, "systems": systems, "results": results})
     assert "GPU: NVIDIA H100 80GB HBM3 (compute capability 9.0); driver 580.65.06" in table
-    assert "| t5vh-cuda |  | 256 |" in table and "t5vh-cuda for the GPU systems" in table
+    assert (
+        "| t5vh-cuda |  | 256 | 1 | 1.00 |" in table and "t5vh-cuda for the GPU systems" in table
+    )  # one run: no range
+    assert "| 2.00x |" in table and "Every cell ran" not in table
 
 
 def test_gpu_systems_are_refused_without_a_gpu(monkeypatch, tmp_path):

@@ -218,7 +218,7 @@ def markdown(report: dict) -> str:
         return "" if x is None else f"{median(x):.2f}x" + _spread(x, "{:.2f}")
 
     def speed(r) -> str:
-        return f"{r['tokens_per_s']:.0f}" + _spread(r["tokens_per_s_range"], "{:.0f}")
+        return f"{r['tokens_per_s']:.0f}" + (_spread(r["tokens_per_s_range"], "{:.0f}") if r["runs"] > 1 else "")
 
     if w.get("kind") == "score":
         lines += [
