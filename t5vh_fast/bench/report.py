@@ -190,7 +190,8 @@ def summary(report: dict) -> list:
         row = dict(ok[0], runs=len(ok))
         for key, value in ok[0].items():
             if isinstance(value, float) and key != "round":
-                row[key] = (max if key == "peak_rss_mb" else median)([r[key] for r in ok])
+                values = [r[key] for r in ok if r[key] == r[key]] or [value]  # NaN (no /proc) only if all are
+                row[key] = (max if key == "peak_rss_mb" else median)(values)
         speeds = [r["tokens_per_s"] for r in ok]
         row["tokens_per_s_range"] = (min(speeds), max(speeds))
         rows.append(row)
@@ -213,12 +214,18 @@ def markdown(report: dict) -> str:
     runs = ratio_runs(report)
     rows = summary(report)
 
+    repeat = w.get("repeat", 1)
+
+    def short(count: int) -> str:  # some rounds of this cell (or of its baseline) failed
+        return f", {count} of {repeat} runs" if count < repeat else ""
+
     def speedup(system, batch) -> str:
         x = runs.get((system, batch))
-        return "" if x is None else f"{median(x):.2f}x" + _spread(x, "{:.2f}")
+        return "" if x is None else f"{median(x):.2f}x" + _spread(x, "{:.2f}") + short(len(x))
 
     def speed(r) -> str:
-        return f"{r['tokens_per_s']:.0f}" + (_spread(r["tokens_per_s_range"], "{:.0f}") if r["runs"] > 1 else "")
+        spread = _spread(r["tokens_per_s_range"], "{:.0f}") if r["runs"] > 1 else ""
+        return f"{r['tokens_per_s']:.0f}" + spread + short(r["runs"])
 
     if w.get("kind") == "score":
         lines += [
@@ -264,7 +271,8 @@ def markdown(report: dict) -> str:
         lines.append(
             f"Every cell ran {w['repeat']} times, round by round: tokens/s and ms are medians with the lowest-highest "
             "tokens/s in brackets, peak RSS the largest, and the speed-up the median (lowest-highest) of the ratios "
-            "between runs of the same round"
+            "between runs of the same round (so it need not equal the ratio of the two medians); a cell that "
+            "lost runs says how many it rests on"
         )
     lines += _floor_lines(report) + _parity_lines(report) + _gap_lines(report)
     return "\n".join(lines)
