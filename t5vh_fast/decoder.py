@@ -148,7 +148,7 @@ class OnnxDecoder(ABC):
             cuda=self.cuda,
             tensorrt=self.tensorrt,
             initializers=initializers,
-            spin=name != self.files[0],  # the encoder (first in every layout) runs once per batch
+            spin=name not in (ENCODER, ENCODER_GRAPH),  # the encoder runs once per batch: its threads sleep
         )
 
     def with_weights(self, arrays: Dict[str, Dict[str, np.ndarray]]) -> OnnxDecoder:
