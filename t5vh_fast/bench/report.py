@@ -213,7 +213,6 @@ def markdown(report: dict) -> str:
     precision = report.get("precision", {})
     runs = ratio_runs(report)
     rows = summary(report)
-
     repeat = w.get("repeat", 1)
 
     def short(count: int) -> str:  # some rounds of this cell (or of its baseline) failed
