@@ -61,6 +61,8 @@ class DecoderState:
     capacity: int = 0
     # the single layout's IO binding, made at the first step with what stays bound (cache, cross K/V)
     binding: object = None
+    # the single layout's logits and values arrays, bound as outputs and reused while their size holds
+    outputs: object = None
 
 
 class Graph:
@@ -185,7 +187,8 @@ class OnnxDecoder(ABC):
 
         Returns ``(logits M x V, values M, new state)`` as NumPy arrays for the
         ``select``-ed flat positions of the rows x T grid (all of them, row-major,
-        when ``select`` is None).
+        when ``select`` is None). The arrays may be reused by the next step on the
+        new state: copy them to keep them past it.
         """
 
 
@@ -353,16 +356,19 @@ class SingleDecoder(OnnxDecoder):
         binding.bind_ortvalue_input("position_bias", self._decoder_position_bias(state.length, steps))
         binding.bind_ortvalue_input("select", select)
         binding.bind_cpu_input("past_length", np.array([state.length], dtype=np.int32))
-        # logits and values land in NumPy's memory, not onnxruntime's arena: NumPy hands a large block back
-        # to the system when it is freed, where the arena keeps it, and grew to fit each new size (scoring's
-        # calls of every size: job peak 797 -> 711 MB)
-        logits = np.empty((picked, self._vocab), dtype=np.float32)
-        value = np.empty(picked, dtype=np.float32)
-        binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
-        binding.bind_ortvalue_output("value", ort.OrtValue.ortvalue_from_numpy(value))
+        outputs = state.outputs
+        if state.binding is None or outputs is None or len(outputs[1]) != picked:
+            # logits and values land in NumPy's memory, not onnxruntime's arena: NumPy hands a large block
+            # back to the system when it is freed, where the arena keeps it, and grew to fit each new size
+            # (scoring's calls of every size: job peak 797 -> 711 MB). A rollout's steps reuse the same
+            # arrays instead of a fresh B x V block per step (8 MB at batch 64 and t5-small's vocabulary).
+            outputs = (np.empty((picked, self._vocab), dtype=np.float32), np.empty(picked, dtype=np.float32))
+            binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(outputs[0]))
+            binding.bind_ortvalue_output("value", ort.OrtValue.ortvalue_from_numpy(outputs[1]))
         self.graphs[1].session.run_with_iobinding(binding)
-        new_state = dataclasses.replace(state, length=state.length + steps, binding=binding)  # cache written in place
-        return logits, value, new_state
+        # the cache is written in place; the next step on new_state writes its logits and values into `outputs`
+        new_state = dataclasses.replace(state, length=state.length + steps, binding=binding, outputs=outputs)
+        return outputs[0], outputs[1], new_state
 
     def _binding(self, state: DecoderState):
         """An IO binding for one rollout: the encoder mask, cross K/V and the cache (read and written in place)
@@ -397,7 +403,7 @@ class SingleDecoder(OnnxDecoder):
             grown = np.zeros(new.shape(), dtype=old.numpy().dtype)
             grown[:, :, : state.length] = old.numpy()[:, :, : state.length]
             new.update_inplace(grown)
-        return dataclasses.replace(state, self_kv=cache, capacity=capacity, binding=None)
+        return dataclasses.replace(state, self_kv=cache, capacity=capacity, binding=None, outputs=None)
 
     def _encoder_position_bias(self, length: int) -> np.ndarray:
         """1 x H x S x S: the bias of key position k for query position q, by bucket of k - q."""

@@ -51,14 +51,15 @@ def respond(
 
     state = decoder.encode(ids, mask, num_samples=num_samples, capacity=txt_len)
     step_input = np.full((batch, 1), decoder_start_token_id, dtype=np.int64)
+    weights = f_weights = None  # each step's exp pass writes into the previous step's arrays
     for t in range(txt_len):
         logits, value, state = decoder.step(state, step_input)
-        weights, block_sums, lse = exp_weights(logits)
+        weights, block_sums, lse = exp_weights(logits, out=weights)
         check_finite(lse, t)
         step_u = u[:, t] if u is not None else rng.random(batch)
         if filtering:
             filtered = filter_logits(logits, top_k=top_k, top_p=top_p)
-            f_weights, f_block_sums, f_lse = exp_weights(filtered)
+            f_weights, f_block_sums, f_lse = exp_weights(filtered, out=f_weights)
             token = draw(filtered, step_u, f_weights, f_block_sums)
             sampling_logprobs[:, t] = token_logprobs(filtered, token, f_lse)
         else:

@@ -60,13 +60,14 @@ def logsumexp(logits: np.ndarray) -> np.ndarray:
 BLOCK = 256  # the CDF is built per block of this many tokens; only the block holding u is summed in full
 
 
-def exp_weights(logits: np.ndarray):
+def exp_weights(logits: np.ndarray, out: np.ndarray = None):
     """``(weights, block_sums, lse)``: ``exp(logits - max)`` in float32, its float64 sums per
     block of ``BLOCK`` tokens, and the row-wise log-sum-exp. One exp pass serves both the
-    log-probs and the draw."""
+    log-probs and the draw. ``out``: a float32 array of the logits' shape to write the weights
+    into (a loop that reuses it spares the system a fresh block, and its page faults, per call)."""
     top = logits.max(axis=-1, keepdims=True)
     with np.errstate(invalid="ignore"):  # NaN/inf rows give a non-finite lse: check_finite names them
-        weights = np.subtract(logits, top)
+        weights = np.subtract(logits, top, out=out)
         np.exp(weights, out=weights)
     block_sums = _block_sums(weights)
     lse = (top[:, 0] + np.log(block_sums.sum(axis=-1))).astype(np.float32)

@@ -238,6 +238,42 @@ def test_callback_sees_every_step(policy):
     np.testing.assert_array_equal(np.stack([tokens for _, tokens in seen], axis=1), rollout.tokens)
 
 
+def test_a_rollout_writes_every_step_into_the_same_arrays(tiny_export, monkeypatch):
+    """The default layout's steps write their logits into one array and the sampler its exp weights into
+    another (no fresh B x V block per step: 8 MB each at t5-small size and batch 64), and the numbers
+    are those of fresh arrays every step."""
+    policy = t5vh_fast.load(tiny_export, providers="cpu")
+    ids, mask = mixed_queries(5, 256, seed=3)
+    step, exp_weights = policy.decoder.step, rollout_module.exp_weights
+    seen = {"logits": [], "weights": []}
+
+    def watched_step(*args, **kwargs):
+        logits, values, state = step(*args, **kwargs)
+        seen["logits"].append(logits)
+        return logits, values, state
+
+    def watched_exp(logits, out=None):
+        result = exp_weights(logits, out=out)
+        seen["weights"].append(result[0])
+        return result
+
+    monkeypatch.setattr(policy.decoder, "step", watched_step)
+    monkeypatch.setattr(rollout_module, "exp_weights", watched_exp)
+    reused = policy.respond_to_batch(ids, mask, txt_len=6, seed=3)
+    for name, arrays in seen.items():
+        assert len(arrays) == 6 and all(array is arrays[0] for array in arrays), name
+
+    def fresh_step(*args, **kwargs):
+        logits, values, state = step(*args, **kwargs)
+        return logits.copy(), values.copy(), state
+
+    monkeypatch.setattr(policy.decoder, "step", fresh_step)
+    monkeypatch.setattr(rollout_module, "exp_weights", lambda logits, out=None: exp_weights(logits))
+    fresh = policy.respond_to_batch(ids, mask, txt_len=6, seed=3)
+    for field in ("tokens", "logprobs", "values"):
+        np.testing.assert_array_equal(getattr(reused, field), getattr(fresh, field))
+
+
 def test_seed_reproducible_and_seeds_differ(policy):
     ids, mask = mixed_queries(4, 256, seed=15)
     a = policy.respond_to_batch(ids, mask, txt_len=8, seed=7)

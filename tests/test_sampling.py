@@ -105,6 +105,16 @@ def test_logsumexp_and_token_logprobs():
     )
 
 
+def test_exp_weights_writes_into_the_array_it_is_given():
+    logits = (np.random.default_rng(2).standard_normal((3, 700)) * 5).astype(np.float32)
+    out = np.full_like(logits, np.nan)
+    weights, block_sums, lse = sampling.exp_weights(logits, out=out)
+    assert weights is out
+    expected = sampling.exp_weights(logits)
+    for got, want in zip((weights, block_sums, lse), expected):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_non_finite_rows_are_named():
     lse = sampling.exp_weights(np.array([[0.0, 1.0], [np.nan, 0.0], [np.inf, 0.0]], dtype=np.float32))[2]
     with pytest.raises(FloatingPointError, match="step 3, row 1"):
