@@ -61,8 +61,22 @@ class DecoderState:
     capacity: int = 0
     # the single layout's IO binding, made at the first step with what stays bound (cache, cross K/V)
     binding: object = None
-    # the single layout's logits and values arrays, bound as outputs and reused while their size holds
-    outputs: object = None
+    # the single layout's step arrays (``StepIO``), bound once and reused while the call's shape holds
+    io: object = None
+
+
+@dataclass(frozen=True)
+class StepIO:
+    """The single layout's per-call arrays, bound once to a state's IO binding and reused by its next steps
+    of the same shape (a fresh B x V logits block per step was 8 MB at batch 64 and t5-small's vocabulary)."""
+
+    # (rows, steps, positions picked) of the calls these fit
+    shape: tuple
+    # the step's token embeddings (rows x steps x d), on the session's device, overwritten each step
+    embeds: object
+    # picked x V logits and picked values, in NumPy's memory, written by onnxruntime each step
+    logits: np.ndarray
+    values: np.ndarray
 
 
 class Graph:
@@ -352,23 +366,30 @@ class SingleDecoder(OnnxDecoder):
             select = self._all_positions(rows * steps)
         else:
             select = self.to_device(select)
-        binding.bind_ortvalue_input("inputs_embeds", self.to_device(self.host["embedding"][tokens]))
+        embeds = self.host["embedding"][tokens]
+        io = state.io
+        if state.binding is None or io is None or io.shape != (rows, steps, picked):
+            # logits and values land in NumPy's memory, not onnxruntime's arena: NumPy hands a large block
+            # back to the system when it is freed, where the arena keeps it, and grew to fit each new size
+            # (scoring's calls of every size: job peak 797 -> 711 MB)
+            io = StepIO(
+                (rows, steps, picked),
+                self.to_device(embeds),
+                np.empty((picked, self._vocab), dtype=np.float32),
+                np.empty(picked, dtype=np.float32),
+            )
+            binding.bind_ortvalue_input("inputs_embeds", io.embeds)
+            binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(io.logits))
+            binding.bind_ortvalue_output("value", ort.OrtValue.ortvalue_from_numpy(io.values))
+        else:
+            io.embeds.update_inplace(embeds)
         binding.bind_ortvalue_input("position_bias", self._decoder_position_bias(state.length, steps))
         binding.bind_ortvalue_input("select", select)
         binding.bind_cpu_input("past_length", np.array([state.length], dtype=np.int32))
-        outputs = state.outputs
-        if state.binding is None or outputs is None or len(outputs[1]) != picked:
-            # logits and values land in NumPy's memory, not onnxruntime's arena: NumPy hands a large block
-            # back to the system when it is freed, where the arena keeps it, and grew to fit each new size
-            # (scoring's calls of every size: job peak 797 -> 711 MB). A rollout's steps reuse the same
-            # arrays instead of a fresh B x V block per step (8 MB at batch 64 and t5-small's vocabulary).
-            outputs = (np.empty((picked, self._vocab), dtype=np.float32), np.empty(picked, dtype=np.float32))
-            binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(outputs[0]))
-            binding.bind_ortvalue_output("value", ort.OrtValue.ortvalue_from_numpy(outputs[1]))
         self.graphs[1].session.run_with_iobinding(binding)
-        # the cache is written in place; the next step on new_state writes its logits and values into `outputs`
-        new_state = dataclasses.replace(state, length=state.length + steps, binding=binding, outputs=outputs)
-        return outputs[0], outputs[1], new_state
+        # the cache is written in place; the next step on new_state writes into the same `io` arrays
+        new_state = dataclasses.replace(state, length=state.length + steps, binding=binding, io=io)
+        return io.logits, io.values, new_state
 
     def _binding(self, state: DecoderState):
         """An IO binding for one rollout: the encoder mask, cross K/V and the cache (read and written in place)
@@ -403,7 +424,7 @@ class SingleDecoder(OnnxDecoder):
             grown = np.zeros(new.shape(), dtype=old.numpy().dtype)
             grown[:, :, : state.length] = old.numpy()[:, :, : state.length]
             new.update_inplace(grown)
-        return dataclasses.replace(state, self_kv=cache, capacity=capacity, binding=None, outputs=None)
+        return dataclasses.replace(state, self_kv=cache, capacity=capacity, binding=None, io=None)
 
     def _encoder_position_bias(self, length: int) -> np.ndarray:
         """1 x H x S x S: the bias of key position k for query position q, by bucket of k - q."""
@@ -448,6 +469,9 @@ def load_host_tables(root: Path) -> Dict[str, np.ndarray]:
     return tables
 
 
+FEW_ROWS = 64  # up to this many ids (a sampling step's batch) a lookup reads them as asked, repeats included
+
+
 class RowTable:
     """A 2-D ``.npy`` table on disk whose rows are read when indexed (``table[ids]``), like an array.
 
@@ -485,6 +509,12 @@ class RowTable:
 
     def __getitem__(self, ids) -> np.ndarray:
         ids = np.asarray(ids)
+        if ids.size <= FEW_ROWS:  # a sampling step: read each row as asked, in order (no sort to find repeats)
+            wanted = ids.reshape(-1).tolist()
+            if wanted and (min(wanted) < 0 or max(wanted) >= self.shape[0]):
+                raise InputError(f"token ids must be in [0, {self.shape[0]}), got {min(wanted)}..{max(wanted)}")
+            rows = np.frombuffer(bytearray().join(map(self._read, wanted)), dtype=self.dtype)  # writeable
+            return rows.reshape(*ids.shape, self.shape[1])
         unique, inverse = np.unique(ids, return_inverse=True)
         if unique.size and (unique[0] < 0 or unique[-1] >= self.shape[0]):
             raise InputError(f"token ids must be in [0, {self.shape[0]}), got {int(unique[0])}..{int(unique[-1])}")

@@ -570,6 +570,12 @@ def test_row_table_reads_the_rows_numpy_would(tmp_path):
         rows[np.array([3, 50])]
     with pytest.raises(InputError, match=r"token ids must be in \[0, 50\)"):
         rows[np.array([-1])]
+    many = np.random.default_rng(4).integers(0, 50, size=(3, 40))  # more ids than a sampling step's batch
+    np.testing.assert_array_equal(rows[many], table[many])
+    assert rows[many].flags.writeable
+    many[1, 7] = 50
+    with pytest.raises(InputError, match=r"token ids must be in \[0, 50\)"):
+        rows[many]
     data = (tmp_path / "table.npy").read_bytes()
     (tmp_path / "short.npy").write_bytes(data[:-10])
     with pytest.raises(ExportError, match="shorter than its header says"):
