@@ -77,6 +77,8 @@ class StepIO:
     # picked x V logits and picked values, in NumPy's memory, written by onnxruntime each step
     logits: np.ndarray
     values: np.ndarray
+    # the positions already in the cache, in NumPy's memory bound on the host: set, not re-bound, each step
+    past_length: np.ndarray
 
 
 class Graph:
@@ -377,15 +379,17 @@ class SingleDecoder(OnnxDecoder):
                 self.to_device(embeds),
                 np.empty((picked, self._vocab), dtype=np.float32),
                 np.empty(picked, dtype=np.float32),
+                np.zeros(1, dtype=np.int32),
             )
             binding.bind_ortvalue_input("inputs_embeds", io.embeds)
+            binding.bind_ortvalue_input("past_length", ort.OrtValue.ortvalue_from_numpy(io.past_length))
             binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(io.logits))
             binding.bind_ortvalue_output("value", ort.OrtValue.ortvalue_from_numpy(io.values))
         else:
             io.embeds.update_inplace(embeds)
         binding.bind_ortvalue_input("position_bias", self._decoder_position_bias(state.length, steps))
         binding.bind_ortvalue_input("select", select)
-        binding.bind_cpu_input("past_length", np.array([state.length], dtype=np.int32))
+        io.past_length[0] = state.length
         self.graphs[1].session.run_with_iobinding(binding)
         # the cache is written in place; the next step on new_state writes into the same `io` arrays
         new_state = dataclasses.replace(state, length=state.length + steps, binding=binding, io=io)
