@@ -341,11 +341,8 @@ def plot(report: dict, path: Path) -> None:
     if w.get("kind") == "score":
         ok = [r for r in summary(report) if "error" not in r]
         names = [r["system"] for r in ok]
-        speed = [r["tokens_per_s"] for r in ok]
-        spread = [[x - r["tokens_per_s_range"][0] for x, r in zip(speed, ok)]]
-        spread.append([r["tokens_per_s_range"][1] - x for x, r in zip(speed, ok)])
         colors = ["C0" if n.startswith("t5vh") else "C7" for n in names]
-        ax.barh(names, speed, xerr=spread, capsize=3, color=colors)
+        ax.barh(names, [r["tokens_per_s"] for r in ok], xerr=_error_bars(ok), capsize=3, color=colors)
         ax.set_xlabel("response tokens / s")
         ax.set_title(f"Scoring {w['rows']} rows, batches of {w['batch_size']} ({report['machine']['threads']} threads)")
     else:
@@ -355,11 +352,15 @@ def plot(report: dict, path: Path) -> None:
             )
             if rows:  # the median, with the lowest..highest run as an error bar when cells ran several times
                 speed = [r["tokens_per_s"] for r in rows]
-                spread = [[x - r["tokens_per_s_range"][0] for x, r in zip(speed, rows)]]
-                spread.append([r["tokens_per_s_range"][1] - x for x, r in zip(speed, rows)])
                 width = 2.5 if system.startswith("t5vh") else 1.2
                 ax.errorbar(
-                    [r["batch"] for r in rows], speed, yerr=spread, marker="o", capsize=3, label=system, linewidth=width
+                    [r["batch"] for r in rows],
+                    speed,
+                    yerr=_error_bars(rows),
+                    marker="o",
+                    capsize=3,
+                    label=system,
+                    linewidth=width,
                 )
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -377,3 +378,10 @@ def plot(report: dict, path: Path) -> None:
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def _error_bars(rows: list) -> list:
+    """Matplotlib's [below, above] distances from each summary row's median tokens/s to its lowest and highest run."""
+    low = [r["tokens_per_s"] - r["tokens_per_s_range"][0] for r in rows]
+    high = [r["tokens_per_s_range"][1] - r["tokens_per_s"] for r in rows]
+    return [low, high]
