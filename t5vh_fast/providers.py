@@ -265,6 +265,7 @@ def _ort_failures() -> tuple:
 
 
 ORT_FAILURES = _ort_failures()  # not RuntimeError subclasses: `except RuntimeError` misses them
+IOBINDING_FAILURE = "Error in execution"  # how run_with_iobinding words a failed run, as a plain RuntimeError
 
 
 @contextlib.contextmanager
@@ -272,24 +273,28 @@ def provider_errors(providers: Sequence[str], doing: str, *, creating: bool = Fa
     """Turn onnxruntime failures on a GPU provider into ``ProviderError`` naming it; CPU failures pass through.
 
     ``creating``: a session is being created, where onnxruntime also raises
-    plain ``RuntimeError`` for a provider that cannot start.
+    plain ``RuntimeError`` for a provider that cannot start. While running, a
+    plain ``RuntimeError`` is the provider's only when it is onnxruntime's
+    IO-binding failure ("Error in execution: ...", an out-of-memory arena say).
     """
     if not providers or providers[0] == CPU:
         yield
         return
-    caught = ORT_FAILURES + ((RuntimeError,) if creating else ())
     try:
         yield
     except T5vhError:
         raise
-    except caught as exc:
+    except (*ORT_FAILURES, RuntimeError) as exc:
+        ours = isinstance(exc, ORT_FAILURES) or creating or str(exc).startswith(IOBINDING_FAILURE)
+        if not ours:
+            raise
         message = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:400]
         raise ProviderError(f"{providers[0]} failed {doing}: {message}; {_hint(message)}") from exc
 
 
 def _hint(message: str) -> str:
     low = message.lower()
-    if "out of memory" in low or "failed to allocate" in low:
+    if "out of memory" in low or "failed to allocate" in low or "smaller than requested bytes" in low:
         return "lower the batch size, free GPU memory, or cap the arena with CudaOptions(gpu_mem_limit=...)"
     if "no kernel image" in low or "invalid device function" in low or "no_binary_for_gpu" in low:
         return "this onnxruntime-gpu has no kernels for this GPU: use providers='cpu'"

@@ -455,6 +455,13 @@ def test_gpu_failures_become_provider_errors_naming_the_provider():
         assert not isinstance(failure, RuntimeError)  # why catching RuntimeError is not enough
         with pytest.raises(ProviderError, match=f"{TENSORRT} failed.*use providers='cpu'"):
             _fail_inside([TENSORRT, CUDA, CPU], failure)
+    # what onnxruntime 1.31's run_with_iobinding raised on an H100 when the arena was capped below a step's needs
+    arena = RuntimeError(
+        "Error in execution: Non-zero status code returned while running SimplifiedLayerNormalization node. "
+        "Status Message: bfc_arena.cc:360 Available memory of 8057344 is smaller than requested bytes of 134217728"
+    )
+    with pytest.raises(ProviderError, match=f"{CUDA} failed while sampling: Error in execution.*gpu_mem_limit"):
+        _fail_inside([CUDA, CPU], arena)
     no_kernel = RuntimeError("CUDA error cudaErrorNoKernelImageForDevice: no kernel image is available")
     with pytest.raises(ProviderError, match="no kernels for this GPU"):
         _fail_inside([CUDA, CPU], no_kernel, creating=True)
@@ -464,7 +471,7 @@ def test_cpu_failures_and_bugs_keep_their_own_exceptions():
     with pytest.raises(ort_state.Fail):
         _fail_inside([CPU], ort_state.Fail("a CPU failure is not a provider problem"))
     with pytest.raises(RuntimeError, match="a bug"):
-        _fail_inside([CUDA, CPU], RuntimeError("a bug"))  # only session creation treats RuntimeError as the provider's
+        _fail_inside([CUDA, CPU], RuntimeError("a bug"))  # only session creation and IO-binding runs are the provider's
     with pytest.raises(InputError):
         _fail_inside([CUDA, CPU], InputError("ours"), creating=True)
 
