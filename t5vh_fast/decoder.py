@@ -327,8 +327,10 @@ class SingleDecoder(OnnxDecoder):
         self._cross = [f"cross_{kind}.{i}" for i in layers for kind in ("key", "value")]
         self._past = [f"past_{kind}.{i}" for i in layers for kind in ("key", "value")]
         self._present = [f"present_{kind}.{i}" for i in layers for kind in ("key", "value")]
-        # the KV cache is kept in the type each layer's self-attention computes in
+        # the KV cache's element type, as the graph declares it: fp32 (an fp16/bf16 export made before
+        # self-attention moved to fp32 declares 16 bits: the CPU runs it, CUDA does not run it right)
         self._cache_types = [_ELEMENT_TYPES[names[name].type] for name in self._past]
+        check_cache_types(self.root, self.device, self._cache_types)
         self._encoder_bias, self._decoder_bias, self._positions = {}, {}, {}
         self._vocab = int(self.host["embedding"].shape[0])
 
@@ -461,6 +463,19 @@ class SingleDecoder(OnnxDecoder):
 
 # onnxruntime's names of the KV-cache element types -> what OrtValue allocation takes (16 = ONNX BFLOAT16)
 _ELEMENT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(bfloat16)": 16}
+
+
+def check_cache_types(root: Path, device: str, types: list) -> None:
+    """Refuse a 16-bit self-attention cache on CUDA: onnxruntime 1.31's 16-bit CUDA MultiHeadAttention read its
+    unwritten positions (measured on an H100: every rollout differed from the model's from its first token)."""
+    if device == "cuda" and any(kind != np.float32 for kind in types):
+        raise ExportError(
+            f"{root} keeps its self-attention cache in 16 bits, which onnxruntime's CUDA attention reads "
+            "wrongly (rollouts that differ from the model's from the first token): re-export it with this "
+            "version of t5vh-export, whose reduced-precision exports keep that cache in fp32"
+        )
+
+
 EMBEDDING_FILE = "t5vh_embedding.npy"
 TABLES_FILE = "t5vh_tables.npz"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from click.testing import CliRunner
@@ -12,10 +13,12 @@ from click.testing import CliRunner
 import t5vh_fast
 from t5vh_fast.checkpoint import load_reference
 from t5vh_fast.cli import export_command
+from t5vh_fast.decoder import check_cache_types
 from t5vh_fast.demo import build_model
-from t5vh_fast.errors import InputError, NonFiniteError, ParityError
+from t5vh_fast.errors import ExportError, InputError, NonFiniteError, ParityError
 from t5vh_fast.export import export
 from t5vh_fast.export import precision as precision_module
+from t5vh_fast.export.graph import DECODER_GRAPH
 from t5vh_fast.manifest import MANIFEST_NAME
 
 from .conftest import mixed_queries, tol
@@ -119,6 +122,26 @@ def test_fp16_export_keeps_overflowing_sublayers_in_fp32(tmp_path, tiny_dir, mon
     with pytest.raises(NonFiniteError, match=r"decoder\.1\.ff.*fp16.*bf16"):
         export(tmp_path / "big", tmp_path / "overflowing", precision="fp16")
     assert not (tmp_path / "overflowing").exists()
+
+
+def test_reduced_precision_keeps_self_attention_and_its_cache_in_fp32(tiny_dir, tmp_path):
+    """fp16/bf16 sublayers compute in 16 bits except self-attention, whose cache onnxruntime's 16-bit CUDA
+    attention read past the written positions; an export with a 16-bit cache is refused on CUDA."""
+    out = export(tiny_dir, tmp_path / "fp16", precision="fp16")
+    graph = onnx.load(out / DECODER_GRAPH, load_external_data=False).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.output]}
+    caches = [name for name in types if name.startswith(("past_key", "past_value", "present_"))]
+    assert caches and all(types[name] == onnx.TensorProto.FLOAT for name in caches)
+    matmul_inputs = {i for node in graph.node if node.op_type == "MatMul" for i in node.input}
+    assert any(name.startswith("decoder.0.self_q") for name in matmul_inputs)  # the projections stay fp16
+    policy = t5vh_fast.load(out, providers="cpu")
+    assert set(policy.decoder._cache_types) == {np.float32}
+    check_cache_types(out, "cpu", [np.float16])  # the CPU runs an older 16-bit cache right
+    check_cache_types(out, "cuda", [np.float32])
+    with pytest.raises(ExportError, match="16 bits.*re-export"):
+        check_cache_types(out, "cuda", [np.float32, np.float16])
+    with pytest.raises(ExportError, match="16 bits"):
+        check_cache_types(out, "cuda", [16])  # bfloat16
 
 
 def test_bf16_exports_here_and_says_it_needs_a_gpu(tiny_dir, tmp_path):

@@ -242,11 +242,14 @@ def decoder_graph(spec: ModelSpec, weights: Dict[str, np.ndarray]) -> Builder:
         k = b.input(f"cross_key.{i}", kind, ["batch", H, "seq", dkv])
         v = b.input(f"cross_value.{i}", kind, ["batch", H, "seq", dkv])
         cross.append((k, v))
-    past = []  # one buffer per layer and kind, as long as the whole response: the step writes at past_length
+    # one buffer per layer and kind, as long as the whole response: the step writes at past_length. Always
+    # fp32, and self-attention with it: onnxruntime 1.31's CUDA MultiHeadAttention for 16-bit types read the
+    # buffer's unwritten positions (an H100 gave NaN from an uninitialized cache, wrong numbers from a zeroed
+    # one, at the first step of every rollout); its fp32 kernel reads only the past_length + 1 written ones.
+    past = []
     for i in range(spec.decoder_layers):
-        kind = _COMPUTE_TYPES[b.types[f"decoder.{i}.self"]]
-        k = b.input(f"past_key.{i}", kind, ["rows", H, "capacity", dkv])
-        v = b.input(f"past_value.{i}", kind, ["rows", H, "capacity", dkv])
+        k = b.input(f"past_key.{i}", TensorProto.FLOAT, ["rows", H, "capacity", dkv])
+        v = b.input(f"past_value.{i}", TensorProto.FLOAT, ["rows", H, "capacity", dkv])
         past.append((k, v))
     past_length = b.input("past_length", TensorProto.INT32, [1])
     select = b.input("select", TensorProto.INT64, ["picked"])
@@ -256,19 +259,19 @@ def decoder_graph(spec: ModelSpec, weights: Dict[str, np.ndarray]) -> Builder:
         p = f"decoder.{i}"
         kind = b.types[f"{p}.self"]
         h = b.cast(b.norm(x, f"{p}.self_norm"), kind)
-        q, k, v = (b.linear(h, f"{p}.self_{w}") for w in ("q", "k", "v"))
+        q, k, v = (b.to_fp32(b.linear(h, f"{p}.self_{w}"), kind) for w in ("q", "k", "v"))
         a, present_k, present_v = b.attention(
             q,
             k,
             v,
-            attention_bias=b.cast(bias, kind),
+            attention_bias=bias,
             past_key=past[i][0],
             past_value=past[i][1],
             past_sequence_length=past_length,
         )
-        b.output(present_k, f"present_key.{i}", _COMPUTE_TYPES[kind], ["rows", H, "capacity", dkv])
-        b.output(present_v, f"present_value.{i}", _COMPUTE_TYPES[kind], ["rows", H, "capacity", dkv])
-        x = b.node("Add", [x, b.to_fp32(b.linear(a, f"{p}.self_o"), kind)])
+        b.output(present_k, f"present_key.{i}", TensorProto.FLOAT, ["rows", H, "capacity", dkv])
+        b.output(present_v, f"present_value.{i}", TensorProto.FLOAT, ["rows", H, "capacity", dkv])
+        x = b.node("Add", [x, b.to_fp32(b.linear(b.cast(a, kind), f"{p}.self_o"), kind)])
         kind = b.types[f"{p}.cross"]
         q = b.linear(b.cast(b.norm(x, f"{p}.cross_norm"), kind), f"{p}.cross_q")
         grouped = b.node("Reshape", [q, group_shape])

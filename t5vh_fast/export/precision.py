@@ -98,18 +98,23 @@ def fp32_rollout(model, ids, mask, uniforms):
     return model.respond_to_batch(ids, mask, txt_len=uniforms.shape[1], uniforms=uniforms)
 
 
-def precision_gap(model, root: Path, precision: str, ids, mask, uniforms, reference_rollout) -> dict:
+def precision_gap(
+    model, root: Path, precision: str, ids, mask, uniforms, reference_rollout, *, providers: Optional[list] = None
+) -> dict:
     """The report for the single layout in ``root`` at ``precision`` (see the module docstring).
 
-    Raises ``NonFiniteError`` when the reduced-precision graphs give NaN or inf on the probe.
+    ``providers``: onnxruntime's, as ``load`` takes them resolved (default: the CPU, where bf16 is not
+    measured). Raises ``NonFiniteError`` when the reduced-precision graphs give NaN or inf on the probe.
     """
-    if precision not in CPU_PRECISIONS:
+    providers = providers or [CPU]
+    on_cpu = providers[0] == CPU
+    if on_cpu and precision not in CPU_PRECISIONS:
         return {
             "measured": False,
             "why": f"not measured here: onnxruntime's CPU provider has no {precision} kernels; "
             "needs a GPU (benchmarks/gpu_check measures it)",
         }
-    decoder = open_decoder(root, "single", providers=[CPU])
+    decoder = open_decoder(root, "single", providers=providers)
     tokens = reference_rollout.tokens.numpy()
     rows, length = tokens.shape
     start = np.full((rows, 1), model.config.decoder_start_token_id, dtype=np.int64)
@@ -131,7 +136,7 @@ def precision_gap(model, root: Path, precision: str, ids, mask, uniforms, refere
     )
     return {
         "measured": True,
-        "measured_on": "CPU" + (_FP16_ON_CPU if precision == "fp16" else ""),
+        "measured_on": ("CPU" + (_FP16_ON_CPU if precision == "fp16" else "")) if on_cpu else providers[0],
         "probe": {"rows": int(rows), "tokens_per_row": int(length), "sampled_from": "fp32 PyTorch model"},
         **gap_stats(ref_logits, logits, tokens),
         "token_agreement": float((ours.tokens == tokens).mean()),
