@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import json
 import time
 from pathlib import Path
@@ -81,6 +80,43 @@ def logits_max(reference, ids, mask, tokens) -> float:
     return biggest
 
 
+def divergences(reference, ids, mask, ref_tokens, tokens, uniforms) -> dict:
+    """Where each row's tokens first differ from the reference's, how near its uniform was to a CDF boundary.
+
+    The margin is the distance, in probability mass, between u * total and the nearer edge of the
+    reference token's interval of the float64 CDF (the RNG contract). Logits that agree to ~1e-5 move
+    those edges by ~1e-6 or less: divergences with margins that small are near-ties, not a wrong draw.
+    """
+    import torch
+
+    differ = tokens != ref_tokens
+    rows = np.flatnonzero(differ.any(axis=1))
+    same_prefix = np.concatenate([np.ones((len(tokens), 1), bool), np.cumprod(~differ, axis=1)[:, :-1] > 0], axis=1)
+    report = {"diverged_rows": int(rows.size), "per_step_disagreement": float(rows.size / same_prefix.sum())}
+    if rows.size == 0:
+        return report
+    first = differ[rows].argmax(axis=1)
+    with torch.no_grad():
+        logits = reference(
+            input_ids=torch.from_numpy(ids[rows]).to(reference.device),
+            attention_mask=torch.from_numpy(mask[rows]).to(reference.device),
+            decoder_input_ids=reference._shift_right(torch.from_numpy(ref_tokens[rows]).to(reference.device)),
+        ).logits.float()
+    margins = []
+    for k, (row, t) in enumerate(zip(rows, first)):
+        step = logits[k, t]
+        cdf = torch.cumsum(torch.exp(step - step.max()), dim=0, dtype=torch.float64)
+        target, token = float(uniforms[row, t]) * float(cdf[-1]), int(ref_tokens[row, t])
+        low = float(cdf[token - 1]) if token else 0.0
+        margins.append(min(target - low, float(cdf[token]) - target) / float(cdf[-1]))
+    report.update(
+        max_margin=float(np.max(margins)),
+        median_margin=float(np.median(margins)),
+        mean_token_mass=float(1 / logits.shape[-1]),
+    )
+    return report
+
+
 def compare(policy, reference, ids, mask, uniforms) -> dict:
     """Rollout and score() of ``policy`` against the reference on shared uniforms."""
     start = time.perf_counter()
@@ -103,6 +139,7 @@ def compare(policy, reference, ids, mask, uniforms) -> dict:
         "value_tol": v_tol,
         "score_max_logprob_diff": float(np.abs(scored.logprobs - ref_scored.logprobs.numpy()).max()),
         "score_max_value_diff": float(np.abs(scored.values - ref_scored.values.numpy()).max()),
+        "divergences": divergences(reference, ids, mask, ref_tokens, ours.tokens, uniforms),
         "t5vh_s": ours_s,
         "torch_s": ref_s,
     }
@@ -178,20 +215,39 @@ def parity_step(work: Path, out: Path) -> None:
 
 
 def reduced_precision(work, model_dir, reference, ids, mask, uniforms, data) -> str:
-    """bf16/fp16 exports against the fp32 reference: the precision gap (once t5vh-export has a dtype option)."""
+    """bf16/fp16 exports: the precision-gap report measured on CUDA, and their rollouts against the reference."""
     from t5vh_fast import load
+    from t5vh_fast.checkpoint import load_reference
     from t5vh_fast.export import export
+    from t5vh_fast.export.precision import fp32_rollout, precision_gap, probe
+    from t5vh_fast.providers import resolve_providers
 
-    if "dtype" not in inspect.signature(export).parameters:
-        return "not available: t5vh-export has no dtype option yet (fp32 only)"
-    for dtype in ("bf16", "fp16"):
+    cpu_model = load_reference(model_dir)  # the report's fp32 side, as t5vh-export measures it
+    p_ids, p_mask, p_uniforms = probe(cpu_model.config.vocab_size)
+    p_reference = fp32_rollout(cpu_model, p_ids, p_mask, p_uniforms)
+    for precision in ("bf16", "fp16"):
+        key = f"cuda {precision} export"
         try:
-            target = export(model_dir, work / "cache" / f"demo-small-onnx-{dtype}", dtype=dtype, force=True)
+            target = export(model_dir, work / "cache" / f"demo-small-onnx-{precision}", precision=precision, force=True)
+            gap = precision_gap(
+                cpu_model,
+                target,
+                precision,
+                p_ids,
+                p_mask,
+                p_uniforms,
+                p_reference,
+                providers=resolve_providers("cuda"),
+            )
+            data["runs"][key] = {"precision_gap_on_cuda": gap}
+            save(work, "parity", data)
+            print(key, gap)
             policy = load(target, providers="cuda")
-            data["runs"][f"cuda {dtype} export"] = compare(policy, reference, ids, mask, uniforms)
-        except Exception as exc:  # a report: record the failure, go on with the next dtype
-            data["runs"][f"cuda {dtype} export"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+            data["runs"][key].update(compare(policy, reference, ids, mask, uniforms))
+        except Exception as exc:  # a report: record the failure, go on with the next precision
+            data["runs"].setdefault(key, {})["error"] = f"{type(exc).__name__}: {exc}"[:500]
         save(work, "parity", data)
+        print(key, data["runs"][key])
     return "measured (see runs)"
 
 
@@ -203,8 +259,8 @@ def transfers_step(work: Path, out: Path) -> None:
     profiles.mkdir(parents=True, exist_ok=True)
     plain = providers.session_options
 
-    def verbose(threads):
-        options = plain(threads)
+    def verbose(threads, **kwargs):
+        options = plain(threads, **kwargs)
         options.log_severity_level = 1  # info: which nodes got a Memcpy, and why
         options.enable_profiling = True
         options.profile_file_prefix = str(profiles / "t5vh")
@@ -460,6 +516,15 @@ def parity_lines(parity) -> list:
             f"{r['max_value_diff']:.1e} / {r['value_tol']:.1e} | "
             f"{r['score_max_logprob_diff']:.1e} / {r['score_max_value_diff']:.1e} | {r['ok']} |"
         )
+    gaps = {
+        name: r["precision_gap_on_cuda"] for name, r in parity.get("runs", {}).items() if "precision_gap_on_cuda" in r
+    }
+    if gaps:
+        from t5vh_fast.export.precision import format_gap
+
+        lines += ["", "Precision-gap reports (t5vh-export's probe, measured on CUDA against the fp32 PyTorch model):"]
+        for name, gap in gaps.items():
+            lines += ["", f"- {name}:", "```", format_gap(gap), "```"]
     return lines + [""]
 
 
