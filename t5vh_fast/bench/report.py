@@ -113,28 +113,39 @@ def run_benchmark(
     gaps = [s for s in REDUCED if s in systems and "int8" in " ".join(systems)]
     results, extra = [], {}
     with tqdm(total=len(jobs) + 3, disable=not progress, file=sys.stderr, unit="run") as bar:
+
+        def stage(text: str) -> None:
+            bar.set_description(text)
+            if not progress:  # a log, not a terminal: a line per stage, so a cut-off run says how far it got
+                print(text, file=sys.stderr, flush=True)
+
         if any(s.startswith("ct2") for s in systems):
-            bar.set_description("converting for CTranslate2")
+            stage("converting for CTranslate2")
             spawn("convert", base, max(cap, 600))
         bar.update()
-        if workload == "sample":
-            bar.set_description("bandwidth floor")
+        if workload == "sample" and any(s not in GPU_SYSTEMS for s in systems):  # both are CPU measurements
+            stage("bandwidth floor")
             extra["floor"] = spawn("floor", base, cap)
-            bar.set_description("t5vh parity")
+            stage("t5vh parity")
             extra["parity"] = spawn("parity", base, cap)
         bar.update()
         if gaps:
-            bar.set_description("precision gaps")
+            stage("precision gaps")
             extra["gaps"] = spawn("gap", {**base, "systems": gaps}, max(cap, 600))
         bar.update()
         for kind, spec, i in jobs:
-            bar.set_description(
+            name = (
                 f"{spec['system']}"
                 + (f" B={spec['batch']}" if "batch" in spec else "")
                 + (f" ({i + 1}/{repeat})" if repeat > 1 else "")
             )
+            stage(name)
             results.append({**spawn(kind, spec, cap), "round": i})
             bar.update()
+            if not progress:
+                done = results[-1]
+                said = done["error"] if "error" in done else f"{done['tokens_per_s']:.0f} tokens/s"
+                print(f"  {said}", file=sys.stderr, flush=True)
     if workload == "score":
         shape = {"rows": rows, "batch_size": SCORE_BATCH, "query_tokens": "8-64", "response_tokens": "4-64"}
     else:
