@@ -72,32 +72,39 @@ def trim_fatbins(section: bytearray, keep_sm: int) -> dict:
 
 
 def trim_wheel(wheel: Path, keep_sm: int) -> dict:
-    """Rewrite ``wheel`` in place with the CUDA provider's other generations zeroed."""
+    """Rewrite ``wheel`` in place with the CUDA provider's other generations zeroed (via a temporary file)."""
     tmp = wheel.with_name(wheel.name + ".partial")
-    with zipfile.ZipFile(wheel) as source, zipfile.ZipFile(tmp, "w", zipfile.ZIP_LZMA) as out:
+    try:
         stats = None
-        for info in source.infolist():
-            data = source.read(info)
-            if info.filename == PROVIDER:
-                data = bytearray(data)
-                offset, size = elf_section(data, ".nv_fatbin")
-                section = data[offset : offset + size]
-                stats = trim_fatbins(section, keep_sm)
-                data[offset : offset + size] = section
-            out.writestr(info, bytes(data), compress_type=zipfile.ZIP_LZMA)
-    if stats is None:
-        tmp.unlink()
-        raise ValueError(f"{wheel} has no {PROVIDER}")
+        with zipfile.ZipFile(wheel) as source, zipfile.ZipFile(tmp, "w", zipfile.ZIP_LZMA) as out:
+            for info in source.infolist():
+                data = source.read(info)
+                if info.filename == PROVIDER:
+                    data = bytearray(data)
+                    offset, size = elf_section(data, ".nv_fatbin")
+                    section = data[offset : offset + size]
+                    stats = trim_fatbins(section, keep_sm)
+                    data[offset : offset + size] = section
+                out.writestr(info, bytes(data), compress_type=zipfile.ZIP_LZMA)
+        if stats is None:
+            raise ValueError(f"{wheel} has no {PROVIDER}: is it onnxruntime-gpu's wheel?")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     tmp.replace(wheel)
     return stats
 
 
 def main() -> None:
-    if len(sys.argv) != 3:
-        sys.exit(__doc__.split("\n\n")[1])
+    usage = __doc__.split("\n\n")[1].strip()
+    if len(sys.argv) != 3 or not sys.argv[2].isdigit():
+        sys.exit(f"usage: {usage}")
     wheel, sm = Path(sys.argv[1]), int(sys.argv[2])
-    before = wheel.stat().st_size
-    stats = trim_wheel(wheel, sm)
+    try:
+        before = wheel.stat().st_size
+        stats = trim_wheel(wheel, sm)
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        sys.exit(f"trim_wheel: {wheel}: {exc}")
     kept = ", ".join(f"sm_{k} {v / 1e6:.0f} MB" + (" (kept)" if k == sm else "") for k, v in sorted(stats.items()))
     print(f"{wheel.name}: {before / 1e6:.0f} -> {wheel.stat().st_size / 1e6:.0f} MB; kernels {kept}")
 

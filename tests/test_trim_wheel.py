@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import struct
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from trim_wheel import FATBIN_MAGIC, elf_section, trim_fatbins  # noqa: E402
+from trim_wheel import FATBIN_MAGIC, PROVIDER, elf_section, trim_fatbins, trim_wheel  # noqa: E402
 
 
 def _entry(sm: int, payload: bytes) -> bytes:
@@ -81,3 +82,18 @@ def test_elf_section_finds_a_section_by_name():
         elf_section(data, ".data")
     with pytest.raises(ValueError, match="not a 64-bit"):
         elf_section(b"MZ" + data[2:], ".nv_fatbin")
+
+
+def test_a_wheel_without_the_cuda_provider_is_refused_and_left_as_it_was(tmp_path):
+    wheel = tmp_path / "onnxruntime-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("onnxruntime/__init__.py", "")
+    before = wheel.read_bytes()
+    with pytest.raises(ValueError, match=f"has no {PROVIDER}"):
+        trim_wheel(wheel, 90)
+    assert wheel.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [wheel.name]
+    broken = tmp_path / "broken.whl"
+    broken.write_bytes(b"not a zip")
+    with pytest.raises(zipfile.BadZipFile):
+        trim_wheel(broken, 90)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([wheel.name, broken.name])
