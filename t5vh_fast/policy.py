@@ -300,7 +300,7 @@ def _read_config(root: Path) -> dict:
         raise ExportError(f"{path} is not a model config ({exc!r}): re-export the model") from None
 
 
-# which providers run which precision: bf16 has no CPU kernels; int8's DynamicQuantizeMatMul has no CUDA ones
+# which providers run which precision: bf16 has no CPU kernels; int8's MatMulIntegerToFloat has no CUDA ones
 _PRECISION_PROVIDERS = {
     "bf16": ("CUDAExecutionProvider", "TensorrtExecutionProvider"),
     "int8": ("CPUExecutionProvider",),

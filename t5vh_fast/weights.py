@@ -22,6 +22,10 @@ import numpy as np
 from .errors import ExportError, InputError, NonFiniteError
 
 PRECISIONS = ("fp32", "int8", "fp16", "bf16")
+# How an int8 export stores its matrices (the plan's dtype): one scale per output column, for onnxruntime's
+# MatMulIntegerToFloat. Earlier int8 exports stored "int8" (blocks of 128 inputs, for MatMulNBits): they
+# still run, and a weight refresh refuses them with "re-export" because their recorded plan differs.
+INT8 = "int8-per-column"
 # Value-head layouts, named after what the head reads. "logits": Linear(vocab_size, 1) on the LM logits
 # (the layout of the value-head notebook this package started from); "hidden": Linear(d_model, 1) on
 # the last decoder hidden state (TRL's layout). The old names "seed" and "trl" are accepted everywhere.
@@ -109,7 +113,7 @@ class Tensor:
     place: str  # "encoder" or "decoder" (an ONNX graph), or "host" (kept in NumPy by the runtime)
     sources: Tuple[str, ...]  # the checkpoint parameters it is computed from
     transform: str  # how: "copy", "transpose", "lm_head", "value_weight", "value_bias"
-    dtype: str = "fp32"  # stored as: "fp32", "fp16", "bf16", or "int8" (see quantize_int8: NAME and NAME.scale)
+    dtype: str = "fp32"  # stored as: "fp32", "fp16", "bf16", or INT8 (see quantize_int8: NAME and NAME.scale)
 
 
 def _block(stack: str, i: int, j: int, name: str) -> str:
@@ -139,7 +143,8 @@ def tensor_plan(spec: ModelSpec, precision: str = "fp32", keep_fp32: Tuple[str, 
 
     def add(name: str, place: str, param: str, transform: str = "copy") -> None:
         matrix = transform in ("transpose", "lm_head") and sublayer_of(name) not in keep_fp32
-        plan.append(Tensor(name, place, (param,), transform, precision if matrix else "fp32"))
+        dtype = (INT8 if precision == "int8" else precision) if matrix else "fp32"
+        plan.append(Tensor(name, place, (param,), transform, dtype))
 
     for i in range(spec.encoder_layers):
         p = f"encoder.{i}"
@@ -218,7 +223,7 @@ def compute(tensor: Tensor, params: Mapping[str, np.ndarray], spec: ModelSpec) -
     out = np.ascontiguousarray(out, dtype=np.float32)
     if any(np.may_share_memory(out, params[name]) for name in tensor.sources):
         out = out.copy()  # never a view of the caller's tensors: they may change after (an optimizer step)
-    if tensor.dtype == "int8":
+    if tensor.dtype == INT8:
         quantized, scale = quantize_int8(out)
         return {tensor.name: quantized, f"{tensor.name}.scale": scale}
     if tensor.dtype == "fp16":
@@ -243,34 +248,17 @@ def _transposed(w: np.ndarray) -> np.ndarray:
     return out
 
 
-def int8_block(k: int) -> int:
-    """The quantization block along the input dimension: the largest power of two <= 128 dividing ``k``."""
-    block = 128
-    while block >= 16:
-        if k % block == 0:
-            return block
-        block //= 2
-    raise ExportError(f"int8 needs matrices whose input size is a multiple of 16, got {k}: export fp32 or fp16")
-
-
 def quantize_int8(w: np.ndarray):
-    """Blockwise symmetric int8 in onnxruntime's ``MatMulNBits`` (8-bit) layout.
+    """Symmetric int8 with one scale per output column: ``(int8 K x N, float32 scales N)``.
 
-    ``w`` is ``in x out`` (K x N). Each output column is cut into blocks of
-    ``int8_block(K)`` inputs, each with its own scale ``max|w| / 127``; returns
-    ``(uint8 N x blocks x block: q + 128, float32 scales N * blocks)`` with
-    ``w ~ (stored - 128) * scale``. At run time the activations are quantized
-    per row and block, so a row's result does not depend on the rest of its
-    batch (per-tensor dynamic quantization would make rollout and scoring
-    numbers differ with the batch).
+    ``w`` is ``in x out`` (K x N); ``w ~ stored * scale`` with ``scale = max|w[:, n]| / 127``.
+    At run time the activations are quantized per row (``export.graph.Builder.quantize_rows``),
+    so a row's result does not depend on the rest of its batch (per-tensor dynamic quantization
+    would make rollout and scoring numbers differ with the batch).
     """
-    k, n = w.shape
-    block = int8_block(k)
-    blocks = w.T.reshape(n, k // block, block)
-    scale = (np.abs(blocks).max(axis=-1) / np.float32(127)).astype(np.float32)
+    scale = (np.abs(w).max(axis=0) / np.float32(127)).astype(np.float32)
     scale[scale == 0] = 1.0
-    q = np.clip(np.round(blocks / scale[..., None]), -127, 127)
-    return (q + 128).astype(np.uint8), scale.reshape(-1)
+    return np.clip(np.round(w / scale), -127, 127).astype(np.int8), scale
 
 
 def checkpoint_params(weights, spec: ModelSpec) -> Dict[str, np.ndarray]:

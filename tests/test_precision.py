@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from click.testing import CliRunner
@@ -18,8 +19,9 @@ from t5vh_fast.demo import build_model
 from t5vh_fast.errors import ExportError, InputError, NonFiniteError, ParityError
 from t5vh_fast.export import export
 from t5vh_fast.export import precision as precision_module
-from t5vh_fast.export.graph import DECODER_GRAPH
+from t5vh_fast.export.graph import DECODER_GRAPH, Builder, save
 from t5vh_fast.manifest import MANIFEST_NAME
+from t5vh_fast.weights import INT8, ModelSpec, quantize_int8
 
 from .conftest import mixed_queries, tol
 
@@ -79,7 +81,12 @@ def test_int8_report_agrees_with_an_independent_measurement(int8_export, referen
     assert 0 < kl.mean() < 10 * policy.precision_report["kl_max"]
     rollout = policy.respond_to_batch(ids, mask, txt_len=4, seed=1)
     assert rollout.precision == "int8" and policy.score(ids, rollout.tokens, mask).precision == "int8"
-    np.testing.assert_allclose(policy.score(ids, rollout.tokens, mask).logprobs, rollout.logprobs, atol=tol(logits))
+    # A rollout runs self-attention one step at a time, scoring over the whole response: their floats differ
+    # in the last bits, and where an activation sits at an int8 rounding edge that becomes one int8 step
+    # (~1/127 of its row's largest value) and spreads. So int8 rollouts equal score() of the same tokens to
+    # int8's rounding, not fp32's tolerance (docs/contract.md; t5-small: 3.5e-2 at most, most tokens ~1e-3).
+    diff = np.abs(policy.score(ids, rollout.tokens, mask).logprobs - rollout.logprobs)
+    assert (diff <= tol(logits)).mean() >= 0.9 and diff.max() < 0.05
 
 
 def test_int8_refresh_equals_a_fresh_int8_export(tiny_dir, int8_export, tmp_path):
@@ -99,6 +106,92 @@ def test_int8_refresh_equals_a_fresh_int8_export(tiny_dir, int8_export, tmp_path
     )
     assert (a.tokens == b.tokens).mean() >= 0.999
     np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
+
+
+def _int8_linear(tmp_path, spec, w, *, relu):
+    """A one-matrix graph built as the exporter builds int8 layers: (session, dequantized weights)."""
+    q, scale = quantize_int8(w)
+    b = Builder("t", {"w": q, "w.scale": scale}, spec)
+    x = b.input("x", onnx.TensorProto.FLOAT, ["b", "t", w.shape[0]])
+    if relu:
+        x = b.activation(x)
+    b.output(b.linear(x, "w"), "y", onnx.TensorProto.FLOAT, ["b", "t", w.shape[1]])
+    save(b, tmp_path / "linear.onnx")
+    session = ort.InferenceSession(str(tmp_path / "linear.onnx"), providers=["CPUExecutionProvider"])
+    return session, q.astype(np.float32) * scale
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_int8_matmul_quantizes_each_row_by_itself(tmp_path, tiny_dir, relu):
+    """Per-row activation scales: a row's result is that row's alone, a zero row gives exactly 0, and a
+    row 1000x larger than its neighbours loses no precision to them (a per-tensor scale would)."""
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((48, 24)).astype(np.float32)
+    spec = ModelSpec.from_config(json.loads((tiny_dir / "config.json").read_text()))
+    assert spec.activation == "relu"
+    session, dequantized = _int8_linear(tmp_path, spec, w, relu=relu)
+    x = rng.standard_normal((2, 4, 48)).astype(np.float32)
+    x[0, 1] = 0.0
+    x[1, 2] *= 1000.0
+    y = session.run(None, {"x": x})[0]
+    if relu:
+        x = np.maximum(x, 0)
+    exact = x @ w
+    assert np.isfinite(y).all() and (y[0, 1] == 0).all()
+    for row in [(0, 0), (0, 3), (1, 2)]:  # int8 on both sides: within ~2% of the row's largest output
+        err = np.abs(y[row] - exact[row]).max() / np.abs(exact[row]).max()
+        assert 0 < err < 0.02, (row, err)
+    alone = session.run(None, {"x": np.ascontiguousarray(x[1:2, 2:3])})[0]
+    np.testing.assert_allclose(alone[0, 0], y[1, 2], rtol=1e-6, atol=1e-6 * np.abs(y[1, 2]).max())
+    assert np.abs(y[0, 0] - x[0, 0] @ dequantized).max() < 0.02 * np.abs(exact[0, 0]).max()
+
+
+def test_int8_export_runs_matmul_integer_with_row_scales(int8_export):
+    """Every matrix of an int8 export is a MatMulIntegerToFloat on int8 weights with one scale per column, fed
+    by a per-row QuantizeLinear; nothing is left in fp32 but the value head; the plan records the layout."""
+    for name in ("t5vh_encoder.onnx", DECODER_GRAPH):
+        model = onnx.load(str(int8_export / name), load_external_data=False)
+        ops = [n.op_type for n in model.graph.node]
+        inits = {t.name: t for t in model.graph.initializer}
+        assert "MatMulNBits" not in ops and ops.count("MatMulIntegerToFloat") > 0
+        assert ops.count("MatMul") == (1 if name == DECODER_GRAPH else 0)  # the folded value head
+        for node in model.graph.node:
+            if node.op_type == "MatMulIntegerToFloat":
+                weight, scale = inits[node.input[1]], inits[node.input[3]]
+                assert weight.data_type == onnx.TensorProto.INT8 and list(scale.dims) == [weight.dims[1]]
+            if node.op_type == "QuantizeLinear":
+                assert {a.name: a.i for a in node.attribute}["axis"] == -1
+    plan = _manifest(int8_export)["weights"]["single"]
+    assert plan["lm_head"]["dtype"] == INT8 and plan["decoder.0.ff_wo"]["dtype"] == INT8
+    assert plan["decoder.0.ff_norm"]["dtype"] == "fp32"
+
+
+def test_int8_scores_do_not_depend_on_the_batch(int8_export):
+    """Rows scored alone equal the same rows scored among 47 others (per-row quantization)."""
+    policy = t5vh_fast.load(int8_export)
+    ids, mask = mixed_queries(48, 256, seed=44)
+    responses = np.random.default_rng(44).integers(3, 256, size=(48, 6))
+    together = policy.score(ids, responses, mask)
+    for row in (0, 17, 47):
+        alone = policy.score(ids[row : row + 1], responses[row : row + 1], mask[row : row + 1])
+        np.testing.assert_allclose(alone.logprobs[0], together.logprobs[row], atol=1e-4)
+        np.testing.assert_allclose(alone.values[0], together.values[row], atol=1e-4)
+
+
+def test_int8_refresh_refuses_an_export_of_the_older_int8_layout(int8_export, tmp_path, reference):
+    """Exports made before per-column int8 recorded "int8" matrices: a refresh asks for a re-export."""
+    import shutil
+
+    old = tmp_path / "old-int8"
+    shutil.copytree(int8_export, old)
+    manifest = _manifest(old)
+    for entry in manifest["weights"]["single"].values():
+        if entry["dtype"] == INT8:
+            entry["dtype"] = "int8"
+    (old / MANIFEST_NAME).write_text(json.dumps(manifest))
+    policy = t5vh_fast.load(old)
+    with pytest.raises(ExportError, match="re-export"):
+        policy.update_weights(reference)
 
 
 def test_fp16_export_keeps_overflowing_sublayers_in_fp32(tmp_path, tiny_dir, monkeypatch):

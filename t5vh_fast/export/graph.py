@@ -2,7 +2,7 @@
 
 Why not trace PyTorch: a hand-built graph uses onnxruntime's fused operators
 (``MultiHeadAttention`` with the relative-position bias and the KV cache,
-``SimplifiedLayerNormalization`` for T5's RMS norm, ``DynamicQuantizeMatMul``
+``SimplifiedLayerNormalization`` for T5's RMS norm, ``MatMulIntegerToFloat``
 for int8), names every weight after what it is (so weights can be refreshed in
 place), and shares the cross-attention keys/values of one query between the N
 samples of a group. The post-export check holds it to the PyTorch model.
@@ -38,6 +38,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ..weights import ModelSpec, sublayer_of
 
 OPSET = 17
+QUANTIZED_OPSET = 21  # int8 graphs: QuantizeLinear with one scale per row (blocked quantization)
 ENCODER_GRAPH = "t5vh_encoder.onnx"
 DECODER_GRAPH = "t5vh_decoder.onnx"
 ALIGN = 64  # bytes: each weight starts at a multiple of this in the .data file
@@ -80,6 +81,9 @@ class Builder:
         self.used: List[str] = []
         self._count = 0
         self._casts: Dict[tuple, str] = {}
+        self._quantized: Dict[str, tuple] = {}
+        self._zeros: Dict[str, str] = {}
+        self._nonnegative: set = set()  # values known to be >= 0 (ReLU outputs)
 
     def input(self, name: str, dtype, dims) -> str:
         self.inputs.append(helper.make_tensor_value_info(name, dtype, dims))
@@ -120,20 +124,37 @@ class Builder:
 
     # -------------------------------------------------------------- T5 pieces
 
-    def linear(self, x: str, weight: str) -> str:
-        if f"{weight}.scale" in self.weights:  # int8: blockwise weights, activations quantized per row and block
-            n, blocks, block = self.weights[weight].shape
-            return self.node(
-                "MatMulNBits",
-                [x, self.weight(weight), self.weight(f"{weight}.scale")],
-                domain="com.microsoft",
-                K=blocks * block,
-                N=n,
-                bits=8,
-                block_size=block,
-                accuracy_level=4,
-            )
+    def linear(self, x: str, weight: str, *, rows: str = "positions") -> str:
+        """``x @ weight``; ``rows`` names the shape of ``x`` but its last axis (int8 shares zero points by it)."""
+        if f"{weight}.scale" in self.weights:  # int8: one scale per weight column and per activation row
+            xq, row_scale, zero = self.quantize_rows(x, self.weights[weight].shape[0], rows)
+            # a row scale of shape (..., 1) is applied to the output by the op itself (onnxruntime >= 1.18)
+            inputs = [xq, self.weight(weight), row_scale, self.weight(f"{weight}.scale"), zero]
+            return self.node("MatMulIntegerToFloat", inputs, domain="com.microsoft")
         return self.node("MatMul", [x, self.weight(weight)])
+
+    def quantize_rows(self, x: str, width: int, rows: str) -> tuple:
+        """``x`` as uint8 with one scale per row (over its last axis): ``(quantized, scale, zero point)``.
+
+        A row's numbers never depend on the other rows of its batch. Values known to be
+        non-negative (ReLU outputs) use all 256 levels with zero point 0; others are symmetric
+        around 128. One quantization per value: the q/k/v projections of one input share it.
+        A row of zeros gets scale 0: whatever QuantizeLinear makes of 0/0, the row's product
+        is multiplied by that 0, so its output is exactly 0 (a NaN or inf in ``x`` stays one)."""
+        if x not in self._quantized:
+            nonnegative = x in self._nonnegative
+            peak = self.node("ReduceMax", [x if nonnegative else self.node("Abs", [x]), self.const([-1])], keepdims=1)
+            scale = self.node("Mul", [peak, self.const(1.0 / (255.0 if nonnegative else 127.0), np.float32)])
+            if nonnegative:
+                zero = ""
+                xq = self.node("QuantizeLinear", [x, scale], axis=-1, block_size=width)
+            else:
+                zero = self.const(128, np.uint8)
+                if rows not in self._zeros:  # one zero-point tensor for every value of these rows
+                    self._zeros[rows] = self.node("Expand", [zero, self.node("Shape", [scale])])
+                xq = self.node("QuantizeLinear", [x, scale, self._zeros[rows]], axis=-1, block_size=width)
+            self._quantized[x] = (xq, scale, zero)
+        return self._quantized[x]
 
     def norm(self, x: str, weight: str) -> str:
         return self.node(
@@ -155,7 +176,9 @@ class Builder:
     def activation(self, x: str) -> str:
         act = self.spec.activation
         if act == "relu":
-            return self.node("Relu", [x])
+            out = self.node("Relu", [x])
+            self._nonnegative.add(out)
+            return out
         if act in ("gelu_new", "gelu_pytorch_tanh"):
             return self.node("FastGelu", [x], domain="com.microsoft")
         if act == "gelu":
@@ -188,10 +211,13 @@ class Builder:
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, initializers)
         model = helper.make_model(
             graph,
-            opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)],
+            opset_imports=[
+                helper.make_opsetid("", QUANTIZED_OPSET if self._quantized else OPSET),
+                helper.make_opsetid("com.microsoft", 1),
+            ],
             producer_name="t5vh_fast",
         )
-        model.ir_version = 9
+        model.ir_version = 10 if self._quantized else 9  # opset 21 needs IR 10
         return model
 
 
@@ -283,7 +309,7 @@ def decoder_graph(spec: ModelSpec, weights: Dict[str, np.ndarray]) -> Builder:
     flat = b.node("Reshape", [hidden, b.const([-1, spec.d_model])])
     picked = b.node("Gather", [flat, select], axis=0)
     kind = b.types["lm_head"]
-    logits = b.to_fp32(b.linear(b.cast(picked, kind), "lm_head"), kind)
+    logits = b.to_fp32(b.linear(b.cast(picked, kind), "lm_head", rows="picked"), kind)
     b.output(logits, "logits", TensorProto.FLOAT, ["picked", spec.vocab_size])
     value = b.node("Add", [b.node("MatMul", [picked, b.weight("value_weight")]), b.weight("value_bias")])
     b.output(b.node("Squeeze", [value, b.const([1])]), "value", TensorProto.FLOAT, ["picked"])
