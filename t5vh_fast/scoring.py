@@ -12,7 +12,6 @@ import numpy as np
 from .decoder import OnnxDecoder
 from .errors import InputError, NonFiniteError
 from .results import Scores
-from .sampling import exp_weights
 
 
 def score(
@@ -116,14 +115,26 @@ ROWS_AT_ONCE = 256  # positions whose exp(logits) exist at once: 33 MB at a 32k 
 def log_normalizer_and_entropy(logits: np.ndarray):
     """Row-wise log-sum-exp and entropy of N x V ``logits``, ``ROWS_AT_ONCE`` rows at a time, so that
     the exp pass's temporary stays small whatever N (it was as large as the logits, ~140 MB per batch
-    of 32 rows at t5-small size, and set the scoring job's peak memory)."""
+    of 32 rows at t5-small size, and set the scoring job's peak memory).
+
+    The sums are float32 (NumPy sums pairwise: ~1e-6 from a float64 sum at a 32k vocabulary, two orders
+    below the parity tolerance); only the sampler's CDF needs float64 (the RNG contract). One exp pass
+    into one reused buffer serves both numbers: ~50 ms per 1,000 rows here, against ~77 with float64
+    block sums and a fresh buffer per chunk."""
     lse = np.empty(len(logits), dtype=np.float32)
     entropy = np.empty(len(logits), dtype=np.float32)
+    buffer = np.empty((min(ROWS_AT_ONCE, len(logits)), logits.shape[-1]), dtype=np.float32)
     for start in range(0, len(logits), ROWS_AT_ONCE):
         part = logits[start : start + ROWS_AT_ONCE]
-        weights, block_sums, part_lse = exp_weights(part)  # weights = exp(logits - max): one exp pass for both
-        lse[start : start + len(part)] = part_lse
-        entropy[start : start + len(part)] = part_lse - np.einsum("ij,ij->i", weights, part) / block_sums.sum(axis=-1)
+        weights = buffer[: len(part)]
+        top = part.max(axis=-1, keepdims=True)
+        with np.errstate(invalid="ignore"):  # NaN/inf rows give a non-finite lse: check_scores_finite names them
+            np.subtract(part, top, out=weights)
+            np.exp(weights, out=weights)
+            total = weights.sum(axis=-1)
+            part_lse = top[:, 0] + np.log(total)
+            lse[start : start + len(part)] = part_lse
+            entropy[start : start + len(part)] = part_lse - np.einsum("ij,ij->i", weights, part) / total
     return lse, entropy
 
 
