@@ -28,7 +28,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import ExportError, InputError, ProviderError
-from .manifest import DECODER, DECODER_GRAPH, DECODER_MERGED, DECODER_WITH_PAST, ENCODER, ENCODER_GRAPH
+from .manifest import DECODER, DECODER_GRAPH, DECODER_MERGED, DECODER_WITH_PAST, ENCODER, ENCODER_GRAPH, SAMPLER_GRAPH
 from .providers import (
     CPU,
     CUDA,
@@ -39,6 +39,7 @@ from .providers import (
     preload_dlls,
     resolve_providers,
 )
+from .sampling import draw, token_logprobs
 
 
 @dataclass
@@ -74,8 +75,9 @@ class StepIO:
     shape: tuple
     # the step's token embeddings (rows x steps x d), on the session's device, overwritten each step
     embeds: object
-    # picked x V logits and picked values, in NumPy's memory, written by onnxruntime each step
-    logits: np.ndarray
+    # picked x V logits and picked values, in NumPy's memory, written by onnxruntime each step (the logits
+    # an OrtValue on the device instead when the step's token is drawn there: ``SingleDecoder.draw_step``)
+    logits: object
     values: np.ndarray
     # the positions already in the cache, in NumPy's memory bound on the host: set, not re-bound, each step
     past_length: np.ndarray
@@ -317,7 +319,8 @@ class SingleDecoder(OnnxDecoder):
     layout = "single"
     files = (ENCODER_GRAPH, DECODER_GRAPH)
 
-    def __init__(self, root: Path, **kwargs):
+    def __init__(self, root: Path, *, sampler: bool = False, **kwargs):
+        """``sampler``: the export lists ``t5vh_sampler.onnx``; on CUDA unfiltered draws then run on the device."""
         super().__init__(root, **kwargs)
         self.host = load_host_tables(self.root)
         names = self.graphs[1].inputs
@@ -333,6 +336,15 @@ class SingleDecoder(OnnxDecoder):
         check_cache_types(self.root, self.device, self._cache_types)
         self._encoder_bias, self._decoder_bias, self._positions = {}, {}, {}
         self._vocab = int(self.host["embedding"].shape[0])
+        self._sampler = None
+        if sampler and self.device == "cuda":  # on the CPU NumPy's draw was as fast (benchmarks/RESULTS.md)
+            gpu = [p for p in self.providers if p != TENSORRT]  # float64 CumSum: CUDA kernels, not TensorRT's
+            self._sampler = self._session(SAMPLER_GRAPH, gpu)
+
+    @property
+    def samples_on_device(self) -> bool:
+        """Whether ``draw_step`` draws on the device (CUDA, and an export with the sampler graph)."""
+        return self._sampler is not None
 
     def with_weights(self, arrays):
         """As ``OnnxDecoder.with_weights``; ``arrays["host"]`` replaces the NumPy tables."""
@@ -360,7 +372,7 @@ class SingleDecoder(OnnxDecoder):
         mask = self.to_device(state.encoder_mask.numpy()[query])
         return DecoderState(self._cache(len(rows), capacity), cross, None, mask, len(rows), 0, capacity)
 
-    def step(self, state, tokens, select=None):
+    def step(self, state, tokens, select=None, *, logits_on_device: bool = False):
         rows, steps = tokens.shape
         if state.length + steps > state.capacity:
             state = self._grown(state, state.length + steps)
@@ -372,20 +384,29 @@ class SingleDecoder(OnnxDecoder):
             select = self.to_device(select)
         embeds = self.host["embedding"][tokens]
         io = state.io
-        if state.binding is None or io is None or io.shape != (rows, steps, picked):
+        if state.binding is None or io is None or io.shape != (rows, steps, picked, logits_on_device):
             # logits and values land in NumPy's memory, not onnxruntime's arena: NumPy hands a large block
             # back to the system when it is freed, where the arena keeps it, and grew to fit each new size
             # (scoring's calls of every size: job peak 797 -> 711 MB)
+            logits = (
+                ort.OrtValue.ortvalue_from_shape_and_type(
+                    (picked, self._vocab), np.float32, self.device, self.device_id
+                )
+                if logits_on_device
+                else np.empty((picked, self._vocab), dtype=np.float32)
+            )
             io = StepIO(
-                (rows, steps, picked),
+                (rows, steps, picked, logits_on_device),
                 self.to_device(embeds),
-                np.empty((picked, self._vocab), dtype=np.float32),
+                logits,
                 np.empty(picked, dtype=np.float32),
                 np.zeros(1, dtype=np.int32),
             )
             binding.bind_ortvalue_input("inputs_embeds", io.embeds)
             binding.bind_ortvalue_input("past_length", ort.OrtValue.ortvalue_from_numpy(io.past_length))
-            binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(io.logits))
+            binding.bind_ortvalue_output(
+                "logits", io.logits if logits_on_device else ort.OrtValue.ortvalue_from_numpy(io.logits)
+            )
             binding.bind_ortvalue_output("value", ort.OrtValue.ortvalue_from_numpy(io.values))
         else:
             io.embeds.update_inplace(embeds)
@@ -396,6 +417,25 @@ class SingleDecoder(OnnxDecoder):
         # the cache is written in place; the next step on new_state writes into the same `io` arrays
         new_state = dataclasses.replace(state, length=state.length + steps, binding=binding, io=io)
         return io.logits, io.values, new_state
+
+    def draw_step(self, state, tokens, u):
+        """One decoder step whose next tokens are drawn on the device by the sampler graph (the RNG
+        contract, as ``sampling.draw``): ``(tokens, log-probs, log-sum-exps, values, new state)``, all R
+        long; only these come back to the host, not the R x V logits. Call when ``samples_on_device``."""
+        _, values, state = self.step(state, tokens, logits_on_device=True)
+        binding = self._sampler.io_binding()
+        binding.bind_ortvalue_input("logits", state.io.logits)
+        binding.bind_cpu_input("u", np.ascontiguousarray(u, dtype=np.float64))
+        for name in ("token", "logprob", "lse", "lost"):
+            binding.bind_output(name, "cpu")
+        self._sampler.run_with_iobinding(binding)
+        token, logprob, lse, lost = binding.copy_outputs_to_cpu()
+        lost &= np.isfinite(lse)  # a NaN row is refused by the caller's check_finite
+        if lost.any():  # u x total fell between two roundings of the CDF: the full float64 CDF decides, on the host
+            logits = state.io.logits.numpy()[lost]
+            token[lost] = draw(logits, u[lost])
+            logprob[lost] = token_logprobs(logits, token[lost])
+        return token, logprob, lse, values, state
 
     def _binding(self, state: DecoderState):
         """An IO binding for one rollout: the encoder mask, cross K/V and the cache (read and written in place)

@@ -20,6 +20,7 @@ DECODER_WITH_PAST = "decoder_with_past_model.onnx"
 DECODER_MERGED = "decoder_model_merged.onnx"
 ENCODER_GRAPH = "t5vh_encoder.onnx"
 DECODER_GRAPH = "t5vh_decoder.onnx"
+SAMPLER_GRAPH = "t5vh_sampler.onnx"  # the draw on the GPU (single layout; exports made before it lack it)
 
 
 def read_manifest(export_dir) -> dict:

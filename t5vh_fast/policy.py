@@ -19,7 +19,15 @@ from .inputs import (
     check_text,
     pad_batch,
 )
-from .manifest import DECODER_GRAPH, ENCODER_GRAPH, check_files, default_layout, layouts, read_manifest
+from .manifest import (
+    DECODER_GRAPH,
+    ENCODER_GRAPH,
+    SAMPLER_GRAPH,
+    check_files,
+    default_layout,
+    layouts,
+    read_manifest,
+)
 from .providers import CudaOptions, provider_errors, resolve_providers
 from .results import Rollout, Scores
 from .rollout import respond
@@ -387,5 +395,6 @@ def load(
     if precision == "int8" and providers == "auto":
         providers = "cpu"  # int8 exports are made for the CPU provider
     _check_precision_runs(precision, providers, cuda)
-    opened = open_decoder(root, layout, providers=providers, threads=threads, cuda=cuda, tensorrt=tensorrt)
+    options = {"sampler": SAMPLER_GRAPH in needed} if layout == "single" else {}
+    opened = open_decoder(root, layout, providers=providers, threads=threads, cuda=cuda, tensorrt=tensorrt, **options)
     return OnnxPolicy(root, manifest, opened)

@@ -43,6 +43,7 @@ def respond(
     u = check_uniforms(uniforms, ids.shape[0], txt_len, num_samples)
     rng = np.random.Generator(np.random.PCG64(seed)) if u is None else None
     filtering = top_k > 0 or top_p < 1.0
+    on_device = not filtering and getattr(decoder, "samples_on_device", False)  # CUDA: logits stay there
 
     tokens = np.empty((batch, txt_len), dtype=np.int64)
     logprobs = np.empty((batch, txt_len), dtype=np.float32)
@@ -53,10 +54,18 @@ def respond(
     step_input = np.full((batch, 1), decoder_start_token_id, dtype=np.int64)
     weights = f_weights = None  # each step's exp pass writes into the previous step's arrays
     for t in range(txt_len):
+        step_u = u[:, t] if u is not None else rng.random(batch)
+        if on_device:
+            token, logprob, lse, value, state = decoder.draw_step(state, step_input, step_u)
+            check_finite(lse, t)
+            tokens[:, t], logprobs[:, t], values[:, t] = token, logprob, value
+            step_input = token[:, None]
+            if callback is not None:
+                callback(t, token)
+            continue
         logits, value, state = decoder.step(state, step_input)
         weights, block_sums, lse = exp_weights(logits, out=weights)
         check_finite(lse, t)
-        step_u = u[:, t] if u is not None else rng.random(batch)
         if filtering:
             filtered = filter_logits(logits, top_k=top_k, top_p=top_p)
             f_weights, f_block_sums, f_lse = exp_weights(filtered, out=f_weights)

@@ -16,13 +16,13 @@ from t5vh_fast.cli import export_command
 from t5vh_fast.demo import build_model, write_demo
 from t5vh_fast.export import ExportParityError, check_export, export
 from t5vh_fast.export import convert as convert_module
-from t5vh_fast.manifest import FORMAT_VERSION, MANIFEST_NAME
+from t5vh_fast.manifest import FORMAT_VERSION, MANIFEST_NAME, SAMPLER_GRAPH
 
 from .conftest import assert_same_samples, mixed_queries, teacher_forced, tol
 
 GRAPHS = ["encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx", "decoder_model_merged.onnx"]
 SINGLE_GRAPHS = ["t5vh_encoder.onnx", "t5vh_decoder.onnx"]
-SINGLE_FILES = SINGLE_GRAPHS + [f"{g}.data" for g in SINGLE_GRAPHS] + ["t5vh_embedding.npy", "t5vh_tables.npz"]
+SINGLE_FILES = SINGLE_GRAPHS + [f"{g}.data" for g in SINGLE_GRAPHS] + ["t5vh_embedding.npy", "t5vh_tables.npz", "t5vh_sampler.onnx"]
 
 
 def _leftovers(parent, name):
@@ -117,6 +117,27 @@ def test_check_catches_wrong_decoder_scaling(tmp_path, family):
     assert not report["decoder_model.onnx"]["ok"]
     assert not report["decoder_with_past_model.onnx"]["ok"]
     assert not report["t5vh_decoder.onnx"]["ok"]
+
+
+def test_single_layout_carries_the_gpu_sampler_and_older_exports_sample_without_it(tiny_export, tmp_path):
+    """The single layout lists t5vh_sampler.onnx (the draw CUDA runs); the CPU does not load it, and an export
+    made before it existed loads and samples the same tokens on the host."""
+    import shutil
+
+    manifest = json.loads((tiny_export / MANIFEST_NAME).read_text())
+    assert SAMPLER_GRAPH in manifest["layouts"]["single"] and SAMPLER_GRAPH in manifest["files"]
+    policy = t5vh_fast.load(tiny_export, providers="cpu")
+    assert not policy.decoder.samples_on_device
+    old = tmp_path / "before-the-sampler"
+    shutil.copytree(tiny_export, old)
+    (old / SAMPLER_GRAPH).unlink()
+    del manifest["files"][SAMPLER_GRAPH]
+    manifest["layouts"]["single"].remove(SAMPLER_GRAPH)
+    (old / MANIFEST_NAME).write_text(json.dumps(manifest))
+    ids, mask = mixed_queries(8, 256, seed=9)
+    a = t5vh_fast.load(old, providers="cpu").respond_to_batch(ids, mask, txt_len=6, seed=4)
+    b = policy.respond_to_batch(ids, mask, txt_len=6, seed=4)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
 
 
 def test_optimum_loads_the_export_and_greedy_tokens_match(tiny_export, reference):

@@ -65,6 +65,27 @@ def test_cuda_rollout_parity_with_pytorch_on_the_same_gpu(tiny_export, gpu_refer
     assert_rollout_parity(policy, gpu_reference)
 
 
+def test_cuda_draws_on_the_device_as_the_host_does(tiny_export):
+    """Unfiltered draws on CUDA run in the sampler graph on the device: the tokens the host's NumPy draw
+    picks from the same logits (but at near-ties), the same log-probs and values; filtered ones stay on the host."""
+    device = t5vh_fast.load(tiny_export, providers="cuda")
+    host = t5vh_fast.load(tiny_export, providers="cuda")
+    assert device.decoder.samples_on_device
+    host.decoder._sampler = None  # the host path, as on an export without t5vh_sampler.onnx
+    ids, mask = mixed_queries(256, 256, seed=24, max_len=20)
+    u = np.random.default_rng(25).random((256, 16))
+    a = device.respond_to_batch(ids, mask, txt_len=16, uniforms=u)
+    b = host.respond_to_batch(ids, mask, txt_len=16, uniforms=u)
+    assert (a.tokens == b.tokens).mean() >= 0.999
+    same = np.cumprod(a.tokens == b.tokens, axis=1).astype(bool)
+    assert np.abs(a.logprobs - b.logprobs)[same].max() <= 1e-5
+    assert np.abs(a.values - b.values)[same].max() <= 1e-5
+    filtered = device.respond_to_batch(ids, mask, txt_len=4, uniforms=u[:, :4], top_p=0.9)
+    np.testing.assert_array_equal(
+        filtered.tokens, host.respond_to_batch(ids, mask, txt_len=4, uniforms=u[:, :4], top_p=0.9).tokens
+    )
+
+
 @pytest.mark.parametrize("layout", ["single", "split", "merged"])
 def test_cuda_score_parity_with_pytorch(tiny_export, gpu_reference, layout):
     policy = t5vh_fast.load(tiny_export, providers="cuda", decoder=layout)

@@ -119,3 +119,47 @@ def test_non_finite_rows_are_named():
     lse = sampling.exp_weights(np.array([[0.0, 1.0], [np.nan, 0.0], [np.inf, 0.0]], dtype=np.float32))[2]
     with pytest.raises(FloatingPointError, match="step 3, row 1"):
         sampling.check_finite(lse, 3)
+
+
+def _sampler_session(vocab: int):
+    import onnxruntime as ort
+
+    from t5vh_fast.export.sampler import sampler_graph
+
+    return ort.InferenceSession(sampler_graph(vocab).SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("vocab", [7, 256, 300, 32128])
+def test_sampler_graph_draws_as_numpy_does(vocab):
+    """The graph CUDA runs for the draw (t5vh_sampler.onnx), here on the CPU provider: the same tokens,
+    log-probs and log-sum-exps as the NumPy sampler, zero-mass tokens, u = 0 and u ~ 1 included."""
+    rng = np.random.default_rng(vocab + 1)
+    logits = (rng.standard_normal((64, vocab)) * 4).astype(np.float32)
+    logits[::3, rng.integers(0, vocab, size=vocab // 2)] = -np.inf
+    logits[5] = -np.inf
+    logits[5, vocab - 1] = 0.0  # all the mass on the last token
+    u = rng.random(64)
+    u[:4] = [0.0, 1 - 2**-53, 0.5, 1e-12]
+    token, logprob, lse, lost = _sampler_session(vocab).run(None, {"logits": logits, "u": u})
+    assert not lost.any() and token.dtype == np.int64
+    np.testing.assert_array_equal(token, sampling.draw(logits, u))
+    assert token[5] == vocab - 1
+    np.testing.assert_allclose(lse, sampling.logsumexp(logits), rtol=1e-6)
+    np.testing.assert_allclose(logprob, sampling.token_logprobs(logits, token), atol=1e-5)
+
+
+def test_sampler_graph_flags_the_float64_edge_or_gets_it_right():
+    """Where numpy's block total and running sum disagree, the graph either draws what the full CDF says
+    or flags the row ``lost`` (the runtime then draws it on the host); a NaN row has a NaN log-sum-exp."""
+    vocab = 2 * sampling.BLOCK
+    logits = _rounding_block(vocab)[None].repeat(2, axis=0)
+    logits[:, sampling.BLOCK + 44] = 0.0
+    weights, block_sums, _ = sampling.exp_weights(logits[:1])
+    u = np.array([0.5, 1 / block_sums.sum()])
+    token, _, _, lost = _sampler_session(vocab).run(None, {"logits": logits, "u": u})
+    right = token == _full_cdf_draw(logits, u)
+    assert (right | lost).all()
+    broken = logits.copy()
+    broken[1, 3] = np.nan
+    _, _, lse, _ = _sampler_session(vocab).run(None, {"logits": broken, "u": u})
+    assert np.isfinite(lse[0]) and np.isnan(lse[1])

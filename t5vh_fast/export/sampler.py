@@ -1,0 +1,120 @@
+"""``t5vh_sampler.onnx``: the sampler's draw as an ONNX graph, for sampling on the GPU.
+
+On CUDA the decoder's logits can stay on the device: this graph draws each
+row's token there and only B tokens, log-probs and log-sum-exps come back to
+the host, instead of B x V logits and a NumPy pass over them. It is the
+RNG contract computed exactly as ``t5vh_fast.sampling.draw`` computes it:
+``exp(logits - max)`` in float32, float64 sums of blocks of ``BLOCK`` tokens
+and their cumulative sum, the block holding ``u x total``, then the float64
+cumulative sum inside that block; the token is the number of CDF entries <=
+``u x total``. The runtime uses it for unfiltered sampling (top_k=0,
+top_p=1) on CUDA; the CPU keeps NumPy (there the graph was no faster).
+
+Inputs: ``logits`` (B x V float32), ``u`` (B float64). Outputs: ``token`` (B
+int64), ``logprob`` (B float32), ``lse`` (B float32: non-finite for a row with
+a NaN or +inf logit), ``lost`` (B bool: the draw landed past the row's end or
+on a token without mass, where the block sums and the running sum rounded
+differently; ``draw`` then decides on the host from the full float64 CDF).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ..sampling import BLOCK
+
+SAMPLER_OPSET = 17
+
+
+def sampler_graph(vocab_size: int) -> onnx.ModelProto:
+    """The draw for a ``vocab_size``-token vocabulary (the padding to whole blocks is fixed in the graph)."""
+    blocks = -(-vocab_size // BLOCK)
+    nodes, constants = [], []
+
+    def const(name, value, dtype=np.int64):
+        constants.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+        return name
+
+    def node(op, inputs, output, **attrs):
+        nodes.append(helper.make_node(op, inputs, [output], **attrs))
+        return output
+
+    node("ReduceMax", ["logits"], "top", axes=[-1], keepdims=1)  # B x 1
+    node("Exp", [node("Sub", ["logits", "top"], "shifted")], "weights")  # B x V float32, as exp_weights
+    pads = const("pads", [0, 0, 0, blocks * BLOCK - vocab_size])
+    node("Pad", [node("Cast", ["weights"], "weights64", to=TensorProto.DOUBLE), pads], "padded")  # zeros: no mass
+    node("Reshape", ["padded", const("block_shape", [0, blocks, BLOCK])], "by_block")  # B x blocks x BLOCK
+    node("ReduceSum", ["by_block", const("last", [-1])], "block_sums", keepdims=0)  # B x blocks
+    node("CumSum", ["block_sums", const("axis", -1)], "block_cdf")
+    node("Slice", ["block_cdf", const("minus1", [-1]), const("end", [blocks]), const("axis1", [1])], "total")
+    node("Mul", [node("Unsqueeze", ["u", const("one", [1])], "u_col"), "total"], "threshold")  # B x 1
+    below = node(
+        "Cast", [node("LessOrEqual", ["block_cdf", "threshold"], "block_le")], "block_le64", to=TensorProto.INT64
+    )
+    counted = node("ReduceSum", [below, const("last2", [-1])], "blocks_below", keepdims=1)
+    block = node("Min", [counted, const("last_block", [blocks - 1])], "block")  # B x 1
+    previous = node("Max", [node("Sub", [block, const("one64", [1])], "block_m1"), const("zero64", [0])], "prev")
+    before = node(
+        "Where",
+        [
+            node("Greater", [block, const("zero64b", [0])], "has_before"),
+            node("GatherElements", ["block_cdf", previous], "cdf_before", axis=1),
+            const("zero_double", [0.0], np.float64),
+        ],
+        "before",
+    )
+    index = node(
+        "Expand", [node("Unsqueeze", [block, const("two", [2])], "block3"), const("pick", [1, 1, BLOCK])], "idx"
+    )
+    picked = node("GatherElements", ["by_block", index], "picked3", axis=1)  # B x 1 x BLOCK
+    local = node("Reshape", [picked, const("row_shape", [0, BLOCK])], "local")
+    cdf = node("Add", [node("CumSum", [local, const("axis2", -1)], "local_cdf"), before], "cdf")
+    inside = node("Cast", [node("LessOrEqual", [cdf, "threshold"], "le")], "le64", to=TensorProto.INT64)
+    offset = node("ReduceSum", [inside, const("last3", [-1])], "offset", keepdims=1)
+    token = node("Add", [node("Mul", [block, const("block_len", [BLOCK])], "start"), offset], "token2")  # B x 1
+    clamped = node("Min", [token, const("last_token", [vocab_size - 1])], "clamped")
+    mass = node("GatherElements", ["weights", clamped], "mass", axis=1)
+    lost = node(
+        "Or",
+        [
+            node("Greater", [token, const("last_token2", [vocab_size - 1])], "past_end"),
+            node("Equal", [mass, const("zero_float", [0.0], np.float32)], "no_mass"),
+        ],
+        "lost2",
+    )
+    # log-sum-exp as exp_weights: max + log(float64 total), cast to float32; log-prob as token_logprobs
+    lse = node(
+        "Cast",
+        [
+            node(
+                "Add",
+                [node("Cast", ["top"], "top64", to=TensorProto.DOUBLE), node("Log", ["total"], "log_total")],
+                "lse64",
+            )
+        ],
+        "lse2",
+        to=TensorProto.FLOAT,
+    )
+    logprob = node("Sub", [node("GatherElements", ["logits", clamped], "chosen", axis=1), lse], "logprob2")
+    for value, name in ((token, "token"), (logprob, "logprob"), (lse, "lse"), (lost, "lost")):
+        node("Squeeze", [value, const(f"squeeze_{name}", [1])], name)
+    graph = helper.make_graph(
+        nodes,
+        "t5vh_sampler",
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["rows", vocab_size]),
+            helper.make_tensor_value_info("u", TensorProto.DOUBLE, ["rows"]),
+        ],
+        [
+            helper.make_tensor_value_info("token", TensorProto.INT64, ["rows"]),
+            helper.make_tensor_value_info("logprob", TensorProto.FLOAT, ["rows"]),
+            helper.make_tensor_value_info("lse", TensorProto.FLOAT, ["rows"]),
+            helper.make_tensor_value_info("lost", TensorProto.BOOL, ["rows"]),
+        ],
+        constants,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", SAMPLER_OPSET)], producer_name="t5vh_fast")
+    model.ir_version = 9
+    return model
