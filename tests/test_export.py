@@ -22,7 +22,11 @@ from .conftest import assert_same_samples, mixed_queries, teacher_forced, tol
 
 GRAPHS = ["encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx", "decoder_model_merged.onnx"]
 SINGLE_GRAPHS = ["t5vh_encoder.onnx", "t5vh_decoder.onnx"]
-SINGLE_FILES = SINGLE_GRAPHS + [f"{g}.data" for g in SINGLE_GRAPHS] + ["t5vh_embedding.npy", "t5vh_tables.npz", "t5vh_sampler.onnx"]
+SINGLE_FILES = (
+    SINGLE_GRAPHS
+    + [f"{g}.data" for g in SINGLE_GRAPHS]
+    + ["t5vh_embedding.npy", "t5vh_tables.npz", "t5vh_sampler.onnx"]
+)
 
 
 def _leftovers(parent, name):
