@@ -163,3 +163,61 @@ def test_sampler_graph_flags_the_float64_edge_or_gets_it_right():
     broken[1, 3] = np.nan
     _, _, lse, _ = _sampler_session(vocab).run(None, {"logits": broken, "u": u})
     assert np.isfinite(lse[0]) and np.isnan(lse[1])
+
+
+def _with_device_draw(export_dir):
+    """A CPU policy whose decoder runs the GPU path: logits kept in an OrtValue, the sampler graph drawing."""
+    import onnxruntime as ort
+
+    import t5vh_fast
+    from t5vh_fast.manifest import SAMPLER_GRAPH
+
+    policy = t5vh_fast.load(export_dir, providers="cpu")
+    policy.decoder._sampler = ort.InferenceSession(str(export_dir / SAMPLER_GRAPH), providers=["CPUExecutionProvider"])
+    assert policy.decoder.samples_on_device
+    return policy
+
+
+def test_the_device_draw_path_gives_the_host_rollout(tiny_export):
+    """respond_to_batch through draw_step (what CUDA runs), here on the CPU provider: the same tokens,
+    log-probs and values as the NumPy path, with a seed and with given uniforms; filtering stays on the host."""
+    import t5vh_fast
+
+    from .conftest import mixed_queries
+
+    host = t5vh_fast.load(tiny_export, providers="cpu")
+    device = _with_device_draw(tiny_export)
+    ids, mask = mixed_queries(32, 256, seed=12)
+    for kwargs in ({"seed": 3}, {"uniforms": np.random.default_rng(4).random((32, 9))}, {"seed": 5, "top_p": 0.8}):
+        a = device.respond_to_batch(ids, mask, txt_len=9, **kwargs)
+        b = host.respond_to_batch(ids, mask, txt_len=9, **kwargs)
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-6)
+        np.testing.assert_allclose(a.values, b.values, atol=1e-6)
+
+
+def test_a_lost_device_draw_is_drawn_again_on_the_host(tiny_export, monkeypatch):
+    """Rows the sampler graph flags ``lost`` are drawn by NumPy from the logits left on the device."""
+    policy = _with_device_draw(tiny_export)
+    decoder, session = policy.decoder, policy.decoder._sampler
+
+    class Flagging:
+        """The real sampler graph, but every other row comes back flagged lost, with token 0."""
+
+        def io_binding(self):
+            return session.io_binding()
+
+        def run_with_iobinding(self, binding):
+            session.run_with_iobinding(binding)
+            token, logprob, lse, lost = [np.array(o) for o in binding.copy_outputs_to_cpu()]
+            lost[::2], token[::2], logprob[::2] = True, 0, 0.0
+            binding.copy_outputs_to_cpu = lambda: [token, logprob, lse, lost]
+
+    from .conftest import mixed_queries
+
+    ids, mask = mixed_queries(16, 256, seed=13)
+    expected = _with_device_draw(tiny_export).respond_to_batch(ids, mask, txt_len=5, seed=6)
+    monkeypatch.setattr(decoder, "_sampler", Flagging())
+    got = policy.respond_to_batch(ids, mask, txt_len=5, seed=6)
+    np.testing.assert_array_equal(got.tokens, expected.tokens)
+    np.testing.assert_allclose(got.logprobs, expected.logprobs, atol=1e-6)
