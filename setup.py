@@ -53,7 +53,7 @@ setup(
             "transformers>=4.45,<4.58",
             "optimum~=2.1.0",
             "optimum-onnx==0.1.0",
-            "onnx>=1.15",
+            "onnx>=1.16",  # int8 graphs: opset 21 (blocked QuantizeLinear), IR 10
             "safetensors>=0.4",
             "sentencepiece>=0.1.99",
         ],

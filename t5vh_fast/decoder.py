@@ -19,6 +19,7 @@ import copy
 import dataclasses
 import os
 import threading
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -337,9 +338,13 @@ class SingleDecoder(OnnxDecoder):
         self._encoder_bias, self._decoder_bias, self._positions = {}, {}, {}
         self._vocab = int(self.host["embedding"].shape[0])
         self._sampler = None
-        if sampler and self.device == "cuda":  # on the CPU NumPy's draw was as fast (benchmarks/RESULTS.md)
-            gpu = [p for p in self.providers if p != TENSORRT]  # float64 CumSum: CUDA kernels, not TensorRT's
-            self._sampler = self._session(SAMPLER_GRAPH, gpu)
+        # on CUDA only (on the CPU NumPy's draw was as fast, benchmarks/RESULTS.md), and on CUDA's own
+        # kernels, not TensorRT's (float64 CumSum); where it cannot start, the host draws as before
+        if sampler and CUDA in self.providers:
+            try:
+                self._sampler = self._session(SAMPLER_GRAPH, [CUDA, CPU])
+            except ProviderError as exc:
+                warnings.warn(f"sampling on the host: {SAMPLER_GRAPH} did not start on CUDA ({exc})", stacklevel=2)
 
     @property
     def samples_on_device(self) -> bool:

@@ -123,10 +123,18 @@ def test_check_catches_wrong_decoder_scaling(tmp_path, family):
     assert not report["t5vh_decoder.onnx"]["ok"]
 
 
-def test_single_layout_carries_the_gpu_sampler_and_older_exports_sample_without_it(tiny_export, tmp_path):
-    """The single layout lists t5vh_sampler.onnx (the draw CUDA runs); the CPU does not load it, and an export
-    made before it existed loads and samples the same tokens on the host."""
+def test_single_layout_carries_the_gpu_sampler_and_older_exports_sample_without_it(tiny_export, tmp_path, monkeypatch):
+    """The single layout lists t5vh_sampler.onnx (the draw CUDA runs) and load() hands it to the decoder; the
+    CPU does not load it; an export made before it existed loads without it and samples the same tokens."""
     import shutil
+
+    from t5vh_fast import policy as policy_module
+
+    asked = []
+    opened = policy_module.open_decoder
+    monkeypatch.setattr(
+        policy_module, "open_decoder", lambda *a, **kw: asked.append(kw.get("sampler")) or opened(*a, **kw)
+    )
 
     manifest = json.loads((tiny_export / MANIFEST_NAME).read_text())
     assert SAMPLER_GRAPH in manifest["layouts"]["single"] and SAMPLER_GRAPH in manifest["files"]
@@ -142,6 +150,7 @@ def test_single_layout_carries_the_gpu_sampler_and_older_exports_sample_without_
     a = t5vh_fast.load(old, providers="cpu").respond_to_batch(ids, mask, txt_len=6, seed=4)
     b = policy.respond_to_batch(ids, mask, txt_len=6, seed=4)
     np.testing.assert_array_equal(a.tokens, b.tokens)
+    assert asked == [True, False]  # listed: the decoder may use it on CUDA; not listed: never read
 
 
 def test_optimum_loads_the_export_and_greedy_tokens_match(tiny_export, reference):

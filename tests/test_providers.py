@@ -527,3 +527,31 @@ def test_cuda_fallback_is_detected(tiny_export, monkeypatch, capsys):
     assert policy.providers == [CPU]
     assert "running on the CPU" in capsys.readouterr().err
     assert policy.respond_to_batch(np.array([[5, 6, 1]]), txt_len=3, seed=0).tokens.shape == (1, 3)
+
+
+@pytest.mark.parametrize(
+    "flags, saturates",
+    [
+        ("fpu sse2 avx2 avx512f avx512bw avx512_vnni", False),  # vpdpbusd sums into 32 bits
+        ("fpu sse2 avx2 avx_vnni", False),
+        ("fpu sse2 avx2 avx512f avx512bw", True),  # vpmaddubsw: pairs of products saturate in 16 bits
+        ("fpu sse2 avx2", True),
+    ],
+)
+def test_int8_sessions_avoid_saturating_products_where_the_cpu_lacks_vnni(tmp_path, monkeypatch, flags, saturates):
+    """uint8 x int8 products summed in pairs reach 2 x 255 x 127 > 32767: on x86-64 without VNNI every
+    session asks onnxruntime for the kernels that widen first; with VNNI (here) it does not pay the ~30%."""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+    monkeypatch.setattr("platform.machine", lambda: "x86_64")
+    assert providers_module.int8_products_may_saturate(str(cpuinfo)) is saturates
+    assert providers_module.int8_products_may_saturate(str(tmp_path / "not-linux")) is True
+    monkeypatch.setattr("platform.machine", lambda: "aarch64")
+    assert providers_module.int8_products_may_saturate(str(tmp_path / "arm")) is False
+    monkeypatch.setattr(providers_module, "int8_products_may_saturate", lambda: saturates)
+    entries = providers_module.session_options(2).get_session_config_entry
+    if saturates:
+        assert entries("session.x64quantprecision") == "1"
+    else:
+        with pytest.raises(RuntimeError):  # onnxruntime raises for a key that was never set
+            entries("session.x64quantprecision")

@@ -3,11 +3,15 @@
 On CUDA the decoder's logits can stay on the device: this graph draws each
 row's token there and only B tokens, log-probs and log-sum-exps come back to
 the host, instead of B x V logits and a NumPy pass over them. It is the
-RNG contract computed exactly as ``t5vh_fast.sampling.draw`` computes it:
+RNG contract in the same steps as ``t5vh_fast.sampling.draw``:
 ``exp(logits - max)`` in float32, float64 sums of blocks of ``BLOCK`` tokens
 and their cumulative sum, the block holding ``u x total``, then the float64
 cumulative sum inside that block; the token is the number of CDF entries <=
-``u x total``. The runtime uses it for unfiltered sampling (top_k=0,
+``u x total``. The same steps, not the same bits: onnxruntime's and CUDA's
+float32 exp differ from NumPy's in the last bit now and then, and CUDA adds
+a block in another order, so where ``u x total`` lies within such a rounding
+of a token's CDF edge (a near-tie, ~1e-7 of draws) the neighbouring token
+can be picked, as between any two fp32 implementations of the model. The runtime uses it for unfiltered sampling (top_k=0,
 top_p=1) on CUDA; the CPU keeps NumPy (there the graph was no faster).
 
 Inputs: ``logits`` (B x V float32), ``u`` (B float64). Outputs: ``token`` (B
