@@ -178,22 +178,31 @@ def _with_device_draw(export_dir):
     return policy
 
 
-def test_the_device_draw_path_gives_the_host_rollout(tiny_export):
+def test_the_device_draw_path_gives_the_host_rollout(tiny_export, perturbed_dir):
     """respond_to_batch through draw_step (what CUDA runs), here on the CPU provider: the same tokens,
-    log-probs and values as the NumPy path, with a seed and with given uniforms; filtering stays on the host."""
+    log-probs and values as the NumPy path, with a seed, given uniforms, several samples per query and
+    after a weight refresh; filtering stays on the host."""
     import t5vh_fast
+    from t5vh_fast.checkpoint import load_reference
 
     from .conftest import mixed_queries
 
     host = t5vh_fast.load(tiny_export, providers="cpu")
     device = _with_device_draw(tiny_export)
     ids, mask = mixed_queries(32, 256, seed=12)
-    for kwargs in ({"seed": 3}, {"uniforms": np.random.default_rng(4).random((32, 9))}, {"seed": 5, "top_p": 0.8}):
-        a = device.respond_to_batch(ids, mask, txt_len=9, **kwargs)
-        b = host.respond_to_batch(ids, mask, txt_len=9, **kwargs)
-        np.testing.assert_array_equal(a.tokens, b.tokens)
-        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-6)
-        np.testing.assert_allclose(a.values, b.values, atol=1e-6)
+    cases = ({"seed": 3}, {"uniforms": np.random.default_rng(4).random((32, 9))}, {"seed": 5, "top_p": 0.8})
+    for refreshed in (False, True):
+        if refreshed:  # update_weights builds new decoder sessions; the sampler goes with them
+            moved = load_reference(perturbed_dir)
+            host.update_weights(moved)
+            device.update_weights(moved)
+            assert device.decoder.samples_on_device
+        for kwargs in (*cases, {"seed": 7, "num_samples": 3}):
+            a = device.respond_to_batch(ids, mask, txt_len=9, **kwargs)
+            b = host.respond_to_batch(ids, mask, txt_len=9, **kwargs)
+            np.testing.assert_array_equal(a.tokens, b.tokens)
+            np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-6)
+            np.testing.assert_allclose(a.values, b.values, atol=1e-6)
 
 
 def test_a_lost_device_draw_is_drawn_again_on_the_host(tiny_export, monkeypatch):
