@@ -72,7 +72,7 @@ class StepIO:
     """The single layout's per-call arrays, bound once to a state's IO binding and reused by its next steps
     of the same shape (a fresh B x V logits block per step was 8 MB at batch 64 and t5-small's vocabulary)."""
 
-    # (rows, steps, positions picked) of the calls these fit
+    # (rows, steps, positions picked, logits on the device) of the calls these fit
     shape: tuple
     # the step's token embeddings (rows x steps x d), on the session's device, overwritten each step
     embeds: object

@@ -58,24 +58,19 @@ def respond(
         if on_device:
             token, logprob, lse, value, state = decoder.draw_step(state, step_input, step_u)
             check_finite(lse, t)
-            tokens[:, t], logprobs[:, t], values[:, t] = token, logprob, value
-            step_input = token[:, None]
-            if callback is not None:
-                callback(t, token)
-            continue
-        logits, value, state = decoder.step(state, step_input)
-        weights, block_sums, lse = exp_weights(logits, out=weights)
-        check_finite(lse, t)
-        if filtering:
-            filtered = filter_logits(logits, top_k=top_k, top_p=top_p)
-            f_weights, f_block_sums, f_lse = exp_weights(filtered, out=f_weights)
-            token = draw(filtered, step_u, f_weights, f_block_sums)
-            sampling_logprobs[:, t] = token_logprobs(filtered, token, f_lse)
         else:
-            token = draw(logits, step_u, weights, block_sums)
-        tokens[:, t] = token
-        logprobs[:, t] = token_logprobs(logits, token, lse)
-        values[:, t] = value
+            logits, value, state = decoder.step(state, step_input)
+            weights, block_sums, lse = exp_weights(logits, out=weights)
+            check_finite(lse, t)
+            if filtering:
+                filtered = filter_logits(logits, top_k=top_k, top_p=top_p)
+                f_weights, f_block_sums, f_lse = exp_weights(filtered, out=f_weights)
+                token = draw(filtered, step_u, f_weights, f_block_sums)
+                sampling_logprobs[:, t] = token_logprobs(filtered, token, f_lse)
+            else:
+                token = draw(logits, step_u, weights, block_sums)
+            logprob = token_logprobs(logits, token, lse)
+        tokens[:, t], logprobs[:, t], values[:, t] = token, logprob, value
         step_input = token[:, None]
         if callback is not None:
             callback(t, token)

@@ -21,6 +21,7 @@ from t5vh_fast.export import export
 from t5vh_fast.export import precision as precision_module
 from t5vh_fast.export.graph import DECODER_GRAPH, Builder, save
 from t5vh_fast.manifest import MANIFEST_NAME
+from t5vh_fast.providers import session_options
 from t5vh_fast.weights import INT8, ModelSpec, quantize_int8
 
 from .conftest import mixed_queries, tol
@@ -117,7 +118,8 @@ def _int8_linear(tmp_path, spec, w, *, relu):
         x = b.activation(x)
     b.output(b.linear(x, "w"), "y", onnx.TensorProto.FLOAT, ["b", "t", w.shape[1]])
     save(b, tmp_path / "linear.onnx")
-    session = ort.InferenceSession(str(tmp_path / "linear.onnx"), providers=["CPUExecutionProvider"])
+    options = session_options(None)  # as the runtime's: on CPUs without VNNI, products that cannot saturate
+    session = ort.InferenceSession(str(tmp_path / "linear.onnx"), options, providers=["CPUExecutionProvider"])
     return session, q.astype(np.float32) * scale
 
 
