@@ -1,6 +1,6 @@
 """The Python steps of ``benchmarks/gpu_check`` (docs/gpu.md): each writes WORK/<step>.json as it goes.
 
-    python benchmarks/gpu_steps.py {probe|parity|transfers|sampling|tensorrt|summary} --work DIR --out DIR
+    python benchmarks/gpu_steps.py {probe|parity|transfers|sampling|scoring|tensorrt|summary} --work DIR --out DIR
 
 Every step saves after each part, so one cut off by its time box keeps what it
 measured. Parity is the contract's: same tokens under shared uniforms on at
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import time
 from pathlib import Path
@@ -351,6 +352,97 @@ def sampling_step(work: Path, out: Path) -> None:
     print(json.dumps(data, indent=1))
 
 
+def scoring_step(work: Path, out: Path) -> None:
+    """MEASUREMENT: score() on CUDA with the log-softmax on the device (t5vh_scorer.onnx) against the host
+    pass over P x V logits copied back (the path before it), and the PyTorch reference's score() on the
+    same GPU; the same rows for all three, numbers checked against each other."""
+    import torch
+
+    from t5vh_fast import load, pad_batch
+    from t5vh_fast.providers import resolve_providers
+
+    resolve_providers("cuda")
+    model_dir, export_dir = small_model(work)
+    reference, where = gpu_reference(model_dir)
+    device, host = load(export_dir, providers="cuda"), load(export_dir, providers="cuda")
+    host.decoder._scorer = None  # the host pass, as on an export without t5vh_scorer.onnx
+    data = {"reference": where, "scores_on_device": device.decoder.scores_on_device, "runs": {}}
+    rng = np.random.default_rng(31)
+    for rows, response_len in ((64, 128), (256, 64)):
+        ids, mask = queries(rows, reference.config.vocab_size, seed=rows)
+        responses, resp_mask = pad_batch(
+            [list(rng.integers(3, 32000, size=n)) for n in rng.integers(4, response_len + 1, rows)]
+        )
+        tokens = int(resp_mask.sum())
+        run = {"rows": rows, "response_tokens": tokens}
+        got = {}
+        for name, model in (("device", device), ("host", host), ("torch", reference)):
+            fn = functools.partial(model.score, ids, responses, mask, resp_mask)
+            got[name] = fn()
+            ms = median_ms(fn, torch, repeats=5)
+            run[f"{name}_ms"], run[f"{name}_tokens_per_s"] = ms, tokens / ms * 1000
+            data["runs"][f"{rows}x{response_len}"] = run
+            save(work, "scoring", data)
+        run["device_phases_ms"] = scoring_phases(device, ids, responses, mask, resp_mask)
+        data["runs"][f"{rows}x{response_len}"] = run
+        save(work, "scoring", data)
+        ref_lp = got["torch"].logprobs.cpu().numpy()
+        run["max_logprob_diff_device_vs_torch"] = float(np.abs(got["device"].logprobs - ref_lp).max())
+        run["max_logprob_diff_device_vs_host"] = float(np.abs(got["device"].logprobs - got["host"].logprobs).max())
+        run["max_entropy_diff_device_vs_host"] = float(np.abs(got["device"].entropy - got["host"].entropy).max())
+        run["logprob_tol"] = tol(np.abs(ref_lp).max())
+        save(work, "scoring", data)
+        print(json.dumps(run))
+
+
+def scoring_phases(policy, ids, responses, mask, resp_mask) -> dict:
+    """Where one device score() call spends its time: the encoder, the decoder calls, the scorer graph,
+    the rest (host work between them); and the whole call with the rows cut into length groups."""
+    from t5vh_fast import scoring
+
+    decoder = policy.decoder
+    spent = {"encode": 0.0, "decoder": 0.0, "scorer": 0.0}
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[name] += time.perf_counter() - start
+
+        return wrapper
+
+    scorer = decoder._scorer
+    decoder.encode, decoder.step = timed("encode", decoder.encode), timed("decoder", decoder.step)
+    decoder._scorer = type(
+        "Timed",
+        (),
+        {
+            "io_binding": scorer.io_binding,
+            "run_with_iobinding": staticmethod(timed("scorer", scorer.run_with_iobinding)),
+        },
+    )()
+    try:
+        policy.score(ids, responses, mask, resp_mask)
+        for key in spent:
+            spent[key] = 0.0
+        start = time.perf_counter()
+        policy.score(ids, responses, mask, resp_mask)
+        total = time.perf_counter() - start
+    finally:
+        del decoder.encode, decoder.step
+        decoder._scorer = scorer
+    phases = {key: 1000 * value for key, value in spent.items()}
+    phases["other"] = 1000 * total - sum(phases.values())
+    args = {"decoder_start_token_id": policy.decoder_start_token_id, "by_length": True}
+    scoring.score(decoder, ids, mask, responses, resp_mask, **args)
+    start = time.perf_counter()
+    scoring.score(decoder, ids, mask, responses, resp_mask, **args)
+    phases["whole_call_by_length"] = 1000 * (time.perf_counter() - start)
+    return phases
+
+
 def median_ms(fn, torch, repeats: int = 20) -> float:
     for _ in range(3):
         fn()
@@ -429,6 +521,7 @@ def summary_step(work: Path, out: Path) -> None:
     lines += bench_lines(bench)
     lines += transfer_lines(results.get("transfers"), memcpy)
     lines += sampling_lines(results.get("sampling"))
+    lines += scoring_lines(results.get("scoring"))
     lines += tensorrt_lines(results.get("tensorrt"))
     lines += ["## Steps", "", "| step | status | seconds | last log line when not ok |", "|---|---|---:|---|"]
     lines += [f"| {s[0]} | {s[1]} | {s[2]} | {last_line(work, s[0]) if s[1] != 'ok' else ''} |" for s in steps]
@@ -567,6 +660,28 @@ def sampling_lines(sampling) -> list:
     ]
 
 
+def scoring_lines(scoring) -> list:
+    lines = ["## Scoring on CUDA (t5vh_scorer.onnx against the host pass, and PyTorch)", ""]
+    if not scoring or not scoring.get("runs"):
+        return lines + ["no result (see logs/scoring.log)", ""]
+    lines += [
+        f"scores on the device: {scoring.get('scores_on_device')}; reference: {scoring.get('reference')}",
+        "",
+        "| rows | response tokens | device tok/s | host pass tok/s | torch tok/s | device / host | device / torch "
+        "| max logprob diff vs torch (tol) | vs host |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    nan = float("nan")
+    for r in scoring["runs"].values():
+        d, h, t = (r.get(f"{k}_tokens_per_s", nan) for k in ("device", "host", "torch"))
+        lines.append(
+            f"| {r['rows']} | {r['response_tokens']} | {d:.0f} | {h:.0f} | {t:.0f} | {d / h:.2f}x | {d / t:.2f}x "
+            f"| {r.get('max_logprob_diff_device_vs_torch', nan):.1e} ({r.get('logprob_tol', nan):.1e}) "
+            f"| {r.get('max_logprob_diff_device_vs_host', nan):.1e} |"
+        )
+    return lines + [""]
+
+
 def tensorrt_lines(tensorrt) -> list:
     lines = ["## TensorRT", ""]
     if not tensorrt:
@@ -590,6 +705,7 @@ STEPS = {
     "parity": parity_step,
     "transfers": transfers_step,
     "sampling": sampling_step,
+    "scoring": scoring_step,
     "tensorrt": tensorrt_step,
     "summary": summary_step,
 }

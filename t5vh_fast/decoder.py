@@ -29,7 +29,16 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import ExportError, InputError, ProviderError
-from .manifest import DECODER, DECODER_GRAPH, DECODER_MERGED, DECODER_WITH_PAST, ENCODER, ENCODER_GRAPH, SAMPLER_GRAPH
+from .manifest import (
+    DECODER,
+    DECODER_GRAPH,
+    DECODER_MERGED,
+    DECODER_WITH_PAST,
+    ENCODER,
+    ENCODER_GRAPH,
+    SAMPLER_GRAPH,
+    SCORER_GRAPH,
+)
 from .providers import (
     CPU,
     CUDA,
@@ -320,8 +329,9 @@ class SingleDecoder(OnnxDecoder):
     layout = "single"
     files = (ENCODER_GRAPH, DECODER_GRAPH)
 
-    def __init__(self, root: Path, *, sampler: bool = False, **kwargs):
-        """``sampler``: the export lists ``t5vh_sampler.onnx``; on CUDA unfiltered draws then run on the device."""
+    def __init__(self, root: Path, *, sampler: bool = False, scorer: bool = False, **kwargs):
+        """``sampler`` / ``scorer``: the export lists ``t5vh_sampler.onnx`` / ``t5vh_scorer.onnx``; on CUDA
+        unfiltered draws / the scorer's log-softmax then run on the device."""
         super().__init__(root, **kwargs)
         self.host = load_host_tables(self.root)
         names = self.graphs[1].inputs
@@ -337,19 +347,32 @@ class SingleDecoder(OnnxDecoder):
         check_cache_types(self.root, self.device, self._cache_types)
         self._encoder_bias, self._decoder_bias, self._positions = {}, {}, {}
         self._vocab = int(self.host["embedding"].shape[0])
-        self._sampler = None
-        # on CUDA only (on the CPU NumPy's draw was as fast, benchmarks/RESULTS.md), and on CUDA's own
-        # kernels, not TensorRT's (float64 CumSum); where it cannot start, the host draws as before
-        if sampler and CUDA in self.providers:
-            try:
-                self._sampler = self._session(SAMPLER_GRAPH, [CUDA, CPU])
-            except ProviderError as exc:
-                warnings.warn(f"sampling on the host: {SAMPLER_GRAPH} did not start on CUDA ({exc})", stacklevel=2)
+        self._sampler = self._device_graph(SAMPLER_GRAPH) if sampler else None
+        self._scorer = self._device_graph(SCORER_GRAPH) if scorer else None
+        if self.device == "cuda":  # a GPU's batches look up thousands of rows a call; its host has the RAM
+            self.host["embedding"].keep_in_memory()
+
+    def _device_graph(self, name: str) -> Optional[ort.InferenceSession]:
+        """The session of a graph that works on logits left on the device, or None where the host does it:
+        on CUDA only (on the CPU NumPy was as fast, benchmarks/RESULTS.md), and on CUDA's own kernels, not
+        TensorRT's (float64 CumSum); where it cannot start, the host does the work as before."""
+        if CUDA not in self.providers:
+            return None
+        try:
+            return self._session(name, [CUDA, CPU])
+        except ProviderError as exc:
+            warnings.warn(f"{name} did not start on CUDA ({exc}): its work runs on the host", stacklevel=3)
+            return None
 
     @property
     def samples_on_device(self) -> bool:
         """Whether ``draw_step`` draws on the device (CUDA, and an export with the sampler graph)."""
         return self._sampler is not None
+
+    @property
+    def scores_on_device(self) -> bool:
+        """Whether ``score_step`` is there (CUDA, and an export with the scorer graph)."""
+        return self._scorer is not None
 
     def with_weights(self, arrays):
         """As ``OnnxDecoder.with_weights``; ``arrays["host"]`` replaces the NumPy tables."""
@@ -441,6 +464,20 @@ class SingleDecoder(OnnxDecoder):
             token[lost] = draw(logits, u[lost])
             logprob[lost] = token_logprobs(logits, token[lost])
         return token, logprob, lse, values, state
+
+    def score_step(self, state, tokens, select, chosen):
+        """One decoder call for scoring whose log-softmax runs on the device (``scoring`` does it on the
+        host otherwise): ``(log-probs of the chosen ids, values, entropies)`` of the ``select``-ed
+        positions; only these come back to the host, not the P x V logits. Call when ``scores_on_device``."""
+        _, values, state = self.step(state, tokens, select, logits_on_device=True)
+        binding = self._scorer.io_binding()
+        binding.bind_ortvalue_input("logits", state.io.logits)
+        binding.bind_cpu_input("token", np.ascontiguousarray(chosen, dtype=np.int64))
+        for name in ("logprob", "entropy"):
+            binding.bind_output(name, "cpu")
+        self._scorer.run_with_iobinding(binding)
+        logprobs, entropy = binding.copy_outputs_to_cpu()
+        return logprobs, values, entropy
 
     def _binding(self, state: DecoderState):
         """An IO binding for one rollout: the encoder mask, cross K/V and the cache (read and written in place)
@@ -562,6 +599,16 @@ class RowTable:
             raise ExportError(f"{self.path} is shorter than its header says: re-export the model")
         self._file = open(self.path, "rb")  # noqa: SIM115 - kept open for the policy's lifetime
         self._lock = threading.Lock()  # for platforms without os.pread (seek + read)
+        self._resident: Optional[np.ndarray] = None
+
+    def keep_in_memory(self) -> None:
+        """Read the whole table once and index it in memory from now on: where a lookup takes thousands
+        of rows (scoring on a GPU: a batch's every token) reading them one at a time is slow, and the
+        RSS that saves matters less there."""
+        if self._resident is None:
+            self._resident = np.fromfile(
+                self._file.name, dtype=self.dtype, count=int(np.prod(self.shape)), offset=self.offset
+            ).reshape(self.shape)
 
     def _read(self, row: int) -> bytes:
         position = self.offset + row * self.row_bytes
@@ -573,6 +620,10 @@ class RowTable:
 
     def __getitem__(self, ids) -> np.ndarray:
         ids = np.asarray(ids)
+        if self._resident is not None:
+            if ids.size and (ids.min() < 0 or ids.max() >= self.shape[0]):
+                raise InputError(f"token ids must be in [0, {self.shape[0]}), got {ids.min()}..{ids.max()}")
+            return self._resident[ids]
         if ids.size <= FEW_ROWS:  # a sampling step: read each row as asked, in order (no sort to find repeats)
             wanted = ids.reshape(-1).tolist()
             if wanted and (min(wanted) < 0 or max(wanted) >= self.shape[0]):

@@ -23,6 +23,7 @@ from .manifest import (
     DECODER_GRAPH,
     ENCODER_GRAPH,
     SAMPLER_GRAPH,
+    SCORER_GRAPH,
     check_files,
     default_layout,
     layouts,
@@ -395,6 +396,6 @@ def load(
     if precision == "int8" and providers == "auto":
         providers = "cpu"  # int8 exports are made for the CPU provider
     _check_precision_runs(precision, providers, cuda)
-    options = {"sampler": SAMPLER_GRAPH in needed} if layout == "single" else {}
+    options = {"sampler": SAMPLER_GRAPH in needed, "scorer": SCORER_GRAPH in needed} if layout == "single" else {}
     opened = open_decoder(root, layout, providers=providers, threads=threads, cuda=cuda, tensorrt=tensorrt, **options)
     return OnnxPolicy(root, manifest, opened)

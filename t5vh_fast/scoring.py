@@ -37,7 +37,9 @@ def score(
     longest row: attention is causal, so the positions after a row's last
     scored one change nothing, and a batch of ragged responses no longer pays
     decoder layers for its padding. Without it (the default on a GPU, whose
-    wide GEMMs make padding cheap) the batch is one decoder call.
+    wide GEMMs make padding cheap) the batch is one decoder call. On CUDA, with an
+    export that has the scorer graph, the log-softmax runs there too
+    (``score_step``): only the positions' numbers come back, not their logits.
     """
     batch, length = responses.shape
     decoder_ids = np.concatenate(
@@ -54,15 +56,20 @@ def score(
     # the KV cache encode() allocates is only used by that one call; groups get their own
     state = decoder.encode(ids, mask, num_samples=num_samples, capacity=int(lengths.max()) if whole else 1)
     out = np.zeros((3, batch * length), dtype=np.float32)  # log-probs, values, entropy
+    on_device = getattr(decoder, "scores_on_device", False)
     for rows in groups:
         steps = int(lengths[rows].max())
         part = state if whole else decoder.rows_of(state, rows, capacity=steps)
         real = np.flatnonzero(response_mask[rows, :steps].reshape(-1))
-        logits, values, _ = decoder.step(part, decoder_ids[rows, :steps], select=real)
-        chosen = np.take_along_axis(logits, responses[rows, :steps].reshape(-1)[real, None], axis=-1)[:, 0]
-        lse, entropy = log_normalizer_and_entropy(logits)
+        chosen = responses[rows, :steps].reshape(-1)[real]
+        if on_device:  # CUDA: the logits stay there, only P log-probs and entropies come back
+            logprobs, values, entropy = decoder.score_step(part, decoder_ids[rows, :steps], real, chosen)
+        else:
+            logits, values, _ = decoder.step(part, decoder_ids[rows, :steps], select=real)
+            lse, entropy = log_normalizer_and_entropy(logits)
+            logprobs = logits[np.arange(len(real)), chosen] - lse
         positions = rows[real // steps] * length + real % steps  # flat positions in the R x T result
-        out[:, positions] = chosen - lse, values, entropy
+        out[:, positions] = logprobs, values, entropy
     scored = np.flatnonzero(response_mask.reshape(-1))
     check_scores_finite(scored, length, *out[:, scored])  # after every group: the first bad row is named
     logprobs, values, entropy = out.reshape(3, batch, length)

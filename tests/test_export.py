@@ -16,7 +16,7 @@ from t5vh_fast.cli import export_command
 from t5vh_fast.demo import build_model, write_demo
 from t5vh_fast.export import ExportParityError, check_export, export
 from t5vh_fast.export import convert as convert_module
-from t5vh_fast.manifest import FORMAT_VERSION, MANIFEST_NAME, SAMPLER_GRAPH
+from t5vh_fast.manifest import FORMAT_VERSION, MANIFEST_NAME, SAMPLER_GRAPH, SCORER_GRAPH
 
 from .conftest import assert_same_samples, mixed_queries, teacher_forced, tol
 
@@ -25,7 +25,7 @@ SINGLE_GRAPHS = ["t5vh_encoder.onnx", "t5vh_decoder.onnx"]
 SINGLE_FILES = (
     SINGLE_GRAPHS
     + [f"{g}.data" for g in SINGLE_GRAPHS]
-    + ["t5vh_embedding.npy", "t5vh_tables.npz", "t5vh_sampler.onnx"]
+    + ["t5vh_embedding.npy", "t5vh_tables.npz", "t5vh_sampler.onnx", "t5vh_scorer.onnx"]
 )
 
 
@@ -123,9 +123,13 @@ def test_check_catches_wrong_decoder_scaling(tmp_path, family):
     assert not report["t5vh_decoder.onnx"]["ok"]
 
 
-def test_single_layout_carries_the_gpu_sampler_and_older_exports_sample_without_it(tiny_export, tmp_path, monkeypatch):
-    """The single layout lists t5vh_sampler.onnx (the draw CUDA runs) and load() hands it to the decoder; the
-    CPU does not load it; an export made before it existed loads without it and samples the same tokens."""
+@pytest.mark.parametrize("graph", [SAMPLER_GRAPH, SCORER_GRAPH])
+def test_single_layout_carries_the_gpu_graphs_and_older_exports_work_without_them(
+    tiny_export, tmp_path, monkeypatch, graph
+):
+    """The single layout lists t5vh_sampler.onnx and t5vh_scorer.onnx (the draw and the scorer's log-softmax
+    CUDA runs) and load() hands them to the decoder; the CPU does not load them; an export made before one
+    existed loads without it, samples the same tokens and scores the same numbers."""
     import shutil
 
     from t5vh_fast import policy as policy_module
@@ -133,24 +137,29 @@ def test_single_layout_carries_the_gpu_sampler_and_older_exports_sample_without_
     asked = []
     opened = policy_module.open_decoder
     monkeypatch.setattr(
-        policy_module, "open_decoder", lambda *a, **kw: asked.append(kw.get("sampler")) or opened(*a, **kw)
+        policy_module,
+        "open_decoder",
+        lambda *a, **kw: asked.append((kw.get("sampler"), kw.get("scorer"))) or opened(*a, **kw),
     )
 
     manifest = json.loads((tiny_export / MANIFEST_NAME).read_text())
-    assert SAMPLER_GRAPH in manifest["layouts"]["single"] and SAMPLER_GRAPH in manifest["files"]
+    assert graph in manifest["layouts"]["single"] and graph in manifest["files"]
     policy = t5vh_fast.load(tiny_export, providers="cpu")
-    assert not policy.decoder.samples_on_device
-    old = tmp_path / "before-the-sampler"
+    assert not policy.decoder.samples_on_device and not policy.decoder.scores_on_device
+    old = tmp_path / "before-the-graph"
     shutil.copytree(tiny_export, old)
-    (old / SAMPLER_GRAPH).unlink()
-    del manifest["files"][SAMPLER_GRAPH]
-    manifest["layouts"]["single"].remove(SAMPLER_GRAPH)
+    (old / graph).unlink()
+    del manifest["files"][graph]
+    manifest["layouts"]["single"].remove(graph)
     (old / MANIFEST_NAME).write_text(json.dumps(manifest))
     ids, mask = mixed_queries(8, 256, seed=9)
-    a = t5vh_fast.load(old, providers="cpu").respond_to_batch(ids, mask, txt_len=6, seed=4)
+    older = t5vh_fast.load(old, providers="cpu")
+    a = older.respond_to_batch(ids, mask, txt_len=6, seed=4)
     b = policy.respond_to_batch(ids, mask, txt_len=6, seed=4)
     np.testing.assert_array_equal(a.tokens, b.tokens)
-    assert asked == [True, False]  # listed: the decoder may use it on CUDA; not listed: never read
+    np.testing.assert_array_equal(older.score(ids, a.tokens, mask).logprobs, policy.score(ids, a.tokens, mask).logprobs)
+    # listed: the decoder may use it on CUDA; not listed: never read
+    assert asked == [(True, True), (graph != SAMPLER_GRAPH, graph != SCORER_GRAPH)]
 
 
 def test_optimum_loads_the_export_and_greedy_tokens_match(tiny_export, reference):

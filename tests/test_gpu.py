@@ -86,6 +86,21 @@ def test_cuda_draws_on_the_device_as_the_host_does(tiny_export):
     )
 
 
+def test_cuda_scores_on_the_device_as_the_host_does(tiny_export):
+    """score() on CUDA runs the log-softmax in the scorer graph on the device: the host pass's numbers."""
+    device = t5vh_fast.load(tiny_export, providers="cuda")
+    host = t5vh_fast.load(tiny_export, providers="cuda")
+    assert device.decoder.scores_on_device
+    assert device.decoder.host["embedding"]._resident is not None  # a batch's thousands of rows: read once, kept
+    host.decoder._scorer = None  # the host path, as on an export without t5vh_scorer.onnx
+    ids, mask = mixed_queries(64, 256, seed=26, max_len=20)
+    rng = np.random.default_rng(27)
+    responses, resp_mask = t5vh_fast.pad_batch([list(rng.integers(2, 256, size=n)) for n in rng.integers(1, 15, 64)])
+    a, b = device.score(ids, responses, mask, resp_mask), host.score(ids, responses, mask, resp_mask)
+    for name in ("logprobs", "values", "entropy"):
+        assert np.abs(getattr(a, name) - getattr(b, name)).max() <= tol(getattr(b, name))
+
+
 @pytest.mark.parametrize("layout", ["single", "split", "merged"])
 def test_cuda_score_parity_with_pytorch(tiny_export, gpu_reference, layout):
     policy = t5vh_fast.load(tiny_export, providers="cuda", decoder=layout)

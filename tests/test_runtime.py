@@ -397,6 +397,7 @@ LAYOUT_FILES = {
         "t5vh_embedding.npy",
         "t5vh_tables.npz",
         "t5vh_sampler.onnx",  # read on CUDA only; an export without it (older) samples on the host
+        "t5vh_scorer.onnx",  # the same for the scorer's log-softmax
     ],
     "split": [
         "encoder_model.onnx",
@@ -483,10 +484,10 @@ def test_load_refuses_any_file_of_its_layout_the_manifest_does_not_vouch_for(
         ):
             manifest_path.write_text(json.dumps(listing))
             for verify in (True, False):
-                if name == "t5vh_sampler.onnx" and name not in listing["layouts"]["single"]:
-                    # an export made before the sampler graph: the file is ignored, not read
+                if name in ("t5vh_sampler.onnx", "t5vh_scorer.onnx") and name not in listing["layouts"]["single"]:
+                    # an export made before that graph: the file is ignored, not read
                     policy = t5vh_fast.load(export_copy, providers="cpu", decoder=layout, verify=verify)
-                    assert not policy.decoder.samples_on_device
+                    assert not policy.decoder.samples_on_device and not policy.decoder.scores_on_device
                     continue
                 with pytest.raises(ExportError, match=f"{name} is not listed in {MANIFEST_NAME}"):
                     t5vh_fast.load(export_copy, decoder=layout, verify=verify)
@@ -567,21 +568,24 @@ def test_row_table_reads_the_rows_numpy_would(tmp_path):
 
     table = np.random.default_rng(3).standard_normal((50, 7)).astype(np.float32)
     np.save(tmp_path / "table.npy", table)
-    rows = RowTable(tmp_path / "table.npy")
-    ids = np.array([[4, 49, 4, 0], [7, 7, 7, 2]])
-    np.testing.assert_array_equal(rows[ids], table[ids])
-    np.testing.assert_array_equal(rows[np.array([49])], table[[49]])
-    assert rows[ids].dtype == np.float32 and rows[ids].flags.writeable
-    with pytest.raises(InputError, match=r"token ids must be in \[0, 50\)"):
-        rows[np.array([3, 50])]
-    with pytest.raises(InputError, match=r"token ids must be in \[0, 50\)"):
-        rows[np.array([-1])]
-    many = np.random.default_rng(4).integers(0, 50, size=(3, 40))  # more ids than a sampling step's batch
-    np.testing.assert_array_equal(rows[many], table[many])
-    assert rows[many].flags.writeable
-    many[1, 7] = 50
-    with pytest.raises(InputError, match=r"token ids must be in \[0, 50\)"):
-        rows[many]
+    for resident in (False, True):  # read as asked (the CPU), or read once and kept (keep_in_memory: CUDA)
+        rows = RowTable(tmp_path / "table.npy")
+        if resident:
+            rows.keep_in_memory()
+        ids = np.array([[4, 49, 4, 0], [7, 7, 7, 2]])
+        np.testing.assert_array_equal(rows[ids], table[ids])
+        np.testing.assert_array_equal(rows[np.array([49])], table[[49]])
+        assert rows[ids].dtype == np.float32 and rows[ids].flags.writeable
+        with pytest.raises(InputError, match=r"token ids must be in \[0, 50\)"):
+            rows[np.array([3, 50])]
+        with pytest.raises(InputError, match=r"token ids must be in \[0, 50\)"):
+            rows[np.array([-1])]
+        many = np.random.default_rng(4).integers(0, 50, size=(3, 40))  # more ids than a sampling step's batch
+        np.testing.assert_array_equal(rows[many], table[many])
+        assert rows[many].flags.writeable
+        many[1, 7] = 50
+        with pytest.raises(InputError, match=r"token ids must be in \[0, 50\)"):
+            rows[many]
     data = (tmp_path / "table.npy").read_bytes()
     (tmp_path / "short.npy").write_bytes(data[:-10])
     with pytest.raises(ExportError, match="shorter than its header says"):

@@ -535,3 +535,118 @@ def test_log_normalizer_and_entropy_in_row_chunks(monkeypatch):
     np.testing.assert_allclose(lse, (logits - logp)[:, 0], rtol=1e-6, atol=1e-5)
     np.testing.assert_allclose(entropy, -(np.exp(logp) * logp).sum(-1), rtol=1e-5, atol=1e-5)
     assert len(set(np.round(entropy, 4))) == 11  # every row its own numbers, none copied across a chunk edge
+
+
+# ---------------------------------------------------------------------- the scorer graph (CUDA's log-softmax)
+
+
+@pytest.mark.parametrize("vocab", [7, 300, 32128])
+def test_scorer_graph_computes_what_the_host_does(vocab):
+    """t5vh_scorer.onnx (what CUDA runs instead of the NumPy pass), here on the CPU provider: the chosen
+    tokens' log-probs and the entropies of the host's pass; where the host's numbers are not finite (an
+    -inf logit, a NaN: the scorer then refuses the row) neither are the graph's."""
+    import onnxruntime as ort
+
+    from t5vh_fast.export.sampler import scorer_graph
+
+    session = ort.InferenceSession(scorer_graph(vocab).SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(vocab)
+    logits = (rng.standard_normal((40, vocab)) * 4).astype(np.float32)
+    logits[::3, rng.integers(0, vocab, size=vocab // 2)] = -np.inf
+    logits[5] = -1e4
+    logits[5, 2] = 1.5  # all the mass on one token: log-prob 0, entropy 0
+    chosen = rng.integers(0, vocab, size=40)
+    chosen[5] = 2
+    logprob, entropy = session.run(None, {"logits": logits, "token": chosen})
+    lse, host_entropy = scoring.log_normalizer_and_entropy(logits)
+    host_logprob = logits[np.arange(40), chosen] - lse
+    assert np.isneginf(logprob).sum() == np.isneginf(host_logprob).sum() > 0  # a chosen token without mass
+    exact = logits.astype(np.float64)  # the truth both are held to: float64, the parity tolerance
+    exact_lse = np.log(np.exp(exact - exact.max(-1, keepdims=True)).sum(-1)) + exact.max(-1)
+    with np.errstate(invalid="ignore"):
+        exact_entropy = exact_lse - (np.exp(exact - exact_lse[:, None]) * exact).sum(-1)
+    exact_logprob = exact[np.arange(40), chosen] - exact_lse
+    for ours, host, truth in ((logprob, host_logprob, exact_logprob), (entropy, host_entropy, exact_entropy)):
+        finite = np.isfinite(host)
+        np.testing.assert_array_equal(np.isfinite(ours), finite)
+        assert finite[1:3].all() and finite[5]
+        assert np.abs(ours[finite] - truth[finite]).max() <= tol(logits[np.isfinite(logits)])
+    assert logprob[5] == 0 and entropy[5] == 0
+    logits[7, 1] = np.nan
+    logprob, entropy = session.run(None, {"logits": logits, "token": chosen})
+    assert np.isnan(logprob[7]) and np.isnan(entropy[7]) and np.isfinite(entropy[8])
+
+
+def _with_device_scoring(export_dir):
+    """A CPU policy whose decoder runs the GPU path: logits kept in an OrtValue, the scorer graph's pass."""
+    import onnxruntime as ort
+
+    from t5vh_fast.manifest import SCORER_GRAPH
+
+    policy = t5vh_fast.load(export_dir, providers="cpu")
+    policy.decoder._scorer = ort.InferenceSession(str(export_dir / SCORER_GRAPH), providers=["CPUExecutionProvider"])
+    assert policy.decoder.scores_on_device
+    return policy
+
+
+@pytest.mark.parametrize("by_length", [False, True])
+def test_the_device_scoring_path_gives_the_host_scores(tiny_export, perturbed_dir, monkeypatch, by_length):
+    """score() through score_step (what CUDA runs), here on the CPU provider: the host's log-probs, values
+    and entropies, with holes in the masks, several samples per query, in one call or length groups,
+    and after a weight refresh; only the scored positions come back."""
+    from t5vh_fast.checkpoint import load_reference
+
+    host, device = t5vh_fast.load(tiny_export, providers="cpu"), _with_device_scoring(tiny_export)
+    ids, mask = mixed_queries(6, 256, seed=36)
+    rng = np.random.default_rng(36)
+    responses, resp_mask = t5vh_fast.pad_batch([list(rng.integers(2, 256, size=n)) for n in rng.integers(1, 11, 18)])
+    resp_mask[1, 0] = resp_mask[4, 2] = 0
+    calls = []
+    score_step = type(device.decoder).score_step
+
+    def counting(self, state, tokens, select, chosen):
+        calls.append(len(select))
+        return score_step(self, state, tokens, select, chosen)
+
+    monkeypatch.setattr(type(device.decoder), "score_step", counting)
+    monkeypatch.setattr(scoring, "CALL_COST", 0)  # by length: a group per distinct length
+    for refreshed in (False, True):
+        if refreshed:  # update_weights builds new decoder sessions; the scorer graph goes with them
+            moved = load_reference(perturbed_dir)
+            host.update_weights(moved)
+            device.update_weights(moved)
+            assert device.decoder.scores_on_device
+        for queries, masks in ((ids, mask), (ids[:3], mask[:3])):  # 3 rows per query, then 6
+            calls.clear()
+            args = {"num_samples": len(responses) // len(queries), "by_length": by_length, "decoder_start_token_id": 0}
+            a = scoring.score(device.decoder, queries, masks, responses, resp_mask, **args)
+            b = scoring.score(host.decoder, queries, masks, responses, resp_mask, **args)
+            assert sum(calls) == resp_mask.sum() and (len(calls) > 1) == by_length
+            for name in ("logprobs", "values", "entropy"):
+                ours, theirs = getattr(a, name), getattr(b, name)
+                assert np.abs(ours - theirs).max() <= tol(theirs)
+                assert (ours[resp_mask == 0] == 0).all() and (ours[resp_mask == 1] != 0).all()
+
+
+def test_device_scores_that_are_not_finite_are_refused(tiny_export, monkeypatch):
+    """A NaN the scorer graph returns (broken weights, fp16 overflow) is refused naming the row, as on the host."""
+    from t5vh_fast.errors import NonFiniteError
+
+    policy = _with_device_scoring(tiny_export)
+    session = policy.decoder._scorer
+
+    class Broken:
+        def io_binding(self):
+            return session.io_binding()
+
+        def run_with_iobinding(self, binding):
+            session.run_with_iobinding(binding)
+            logprob, entropy = [np.array(o) for o in binding.copy_outputs_to_cpu()]
+            entropy[-1] = np.nan
+            binding.copy_outputs_to_cpu = lambda: [logprob, entropy]
+
+    monkeypatch.setattr(policy.decoder, "_scorer", Broken())
+    ids, mask = mixed_queries(3, 256, seed=37)
+    responses, resp_mask = t5vh_fast.pad_batch([[5, 6, 7], [8, 9], [10, 11, 12, 13]])
+    with pytest.raises(NonFiniteError, match="row 2, response position 3"):
+        policy.score(ids, responses, mask, resp_mask)

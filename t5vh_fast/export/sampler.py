@@ -1,4 +1,5 @@
-"""``t5vh_sampler.onnx``: the sampler's draw as an ONNX graph, for sampling on the GPU.
+"""``t5vh_sampler.onnx`` and ``t5vh_scorer.onnx``: the sampler's draw and the scorer's log-softmax as
+ONNX graphs, for the GPU.
 
 On CUDA the decoder's logits can stay on the device: this graph draws each
 row's token there and only B tokens, log-probs and log-sum-exps come back to
@@ -13,6 +14,11 @@ a block in another order, so where ``u x total`` lies within such a rounding
 of a token's CDF edge (a near-tie, ~1e-7 of draws) the neighbouring token
 can be picked, as between any two fp32 implementations of the model. The runtime uses it for unfiltered sampling (top_k=0,
 top_p=1) on CUDA; the CPU keeps NumPy (there the graph was no faster).
+
+``scorer_graph`` is ``t5vh_fast.scoring``'s pass over the scored positions'
+logits, for the same reason: on CUDA only the positions' log-probs and
+entropies come back, not P x V logits (2 GB for 16k positions at a 32k
+vocabulary) and a NumPy pass over them on one core.
 
 Inputs: ``logits`` (B x V float32), ``u`` (B float64). Outputs: ``token`` (B
 int64), ``logprob`` (B float32), ``lse`` (B float32: non-finite for a row with
@@ -29,22 +35,35 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..sampling import BLOCK
 
-SAMPLER_OPSET = 17
+OPSET = 17
+
+
+class _Builder:
+    """Nodes and constants of a small graph, each node with one output named by the caller."""
+
+    def __init__(self):
+        self.nodes, self.constants = [], []
+
+    def const(self, name, value, dtype=np.int64):
+        self.constants.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+        return name
+
+    def node(self, op, inputs, output, **attrs):
+        self.nodes.append(helper.make_node(op, inputs, [output], **attrs))
+        return output
+
+    def model(self, name: str, inputs: list, outputs: list) -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, name, inputs, outputs, self.constants)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="t5vh_fast")
+        model.ir_version = 9
+        return model
 
 
 def sampler_graph(vocab_size: int) -> onnx.ModelProto:
     """The draw for a ``vocab_size``-token vocabulary (the padding to whole blocks is fixed in the graph)."""
     blocks = -(-vocab_size // BLOCK)
-    nodes, constants = [], []
-
-    def const(name, value, dtype=np.int64):
-        constants.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
-        return name
-
-    def node(op, inputs, output, **attrs):
-        nodes.append(helper.make_node(op, inputs, [output], **attrs))
-        return output
-
+    builder = _Builder()
+    const, node = builder.const, builder.node
     node("ReduceMax", ["logits"], "top", axes=[-1], keepdims=1)  # B x 1
     node("Exp", [node("Sub", ["logits", "top"], "shifted")], "weights")  # B x V float32, as exp_weights
     pads = const("pads", [0, 0, 0, blocks * BLOCK - vocab_size])
@@ -104,8 +123,7 @@ def sampler_graph(vocab_size: int) -> onnx.ModelProto:
     logprob = node("Sub", [node("GatherElements", ["logits", clamped], "chosen", axis=1), lse], "logprob2")
     for value, name in ((token, "token"), (logprob, "logprob"), (lse, "lse"), (lost, "lost")):
         node("Squeeze", [value, const(f"squeeze_{name}", [1])], name)
-    graph = helper.make_graph(
-        nodes,
+    return builder.model(
         "t5vh_sampler",
         [
             helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["rows", vocab_size]),
@@ -117,8 +135,37 @@ def sampler_graph(vocab_size: int) -> onnx.ModelProto:
             helper.make_tensor_value_info("lse", TensorProto.FLOAT, ["rows"]),
             helper.make_tensor_value_info("lost", TensorProto.BOOL, ["rows"]),
         ],
-        constants,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", SAMPLER_OPSET)], producer_name="t5vh_fast")
-    model.ir_version = 9
-    return model
+
+
+def scorer_graph(vocab_size: int) -> onnx.ModelProto:
+    """Log-probs of the scored ``token``s and entropies of P x ``vocab_size`` ``logits``, in the steps of
+    ``scoring.log_normalizer_and_entropy``: ``w = exp(logits - max)``, float32 ``total = sum(w)``,
+    ``lse = max + log(total)``, ``entropy = lse - sum(w * logits) / total``, ``logprob = logit - lse``.
+    A row with a NaN or +inf logit gives non-finite numbers, which the scorer refuses."""
+    builder = _Builder()
+    const, node = builder.const, builder.node
+    node("ReduceMax", ["logits"], "top", axes=[-1], keepdims=1)  # P x 1
+    node("Exp", [node("Sub", ["logits", "top"], "shifted")], "weights")
+    last = const("last", [-1])
+    total = node("ReduceSum", ["weights", last], "total", keepdims=1)
+    lse = node("Add", ["top", node("Log", [total], "log_total")], "lse")
+    expected = node("ReduceSum", [node("Mul", ["weights", "logits"], "weighted"), last], "expected", keepdims=1)
+    entropy = node("Sub", [lse, node("Div", [expected, total], "mean_logit")], "entropy2")
+    chosen = node(
+        "GatherElements", ["logits", node("Unsqueeze", ["token", const("one", [1])], "token2")], "chosen", axis=1
+    )
+    logprob = node("Sub", [chosen, lse], "logprob2")
+    for value, name in ((logprob, "logprob"), (entropy, "entropy")):
+        node("Squeeze", [value, const(f"squeeze_{name}", [1])], name)
+    return builder.model(
+        "t5vh_scorer",
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["positions", vocab_size]),
+            helper.make_tensor_value_info("token", TensorProto.INT64, ["positions"]),
+        ],
+        [
+            helper.make_tensor_value_info("logprob", TensorProto.FLOAT, ["positions"]),
+            helper.make_tensor_value_info("entropy", TensorProto.FLOAT, ["positions"]),
+        ],
+    )
