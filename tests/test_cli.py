@@ -177,6 +177,8 @@ def test_bench_quick_writes_json_and_png(tmp_path):
     assert report["parity"]["identical_tokens"] >= 0.999
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| t5vh | fp32 | 1 |" in result.output and "Bandwidth floor" in result.output
+    floor = report["floor"]
+    assert floor["floor_ms"] > 0 and floor["matmuls_ms"] > 0 and "matrix products alone" in result.output
     assert "| t5vh-int8 | int8 | 1 |" in result.output and "Distribution cost" in result.output
     assert report["gaps"]["t5vh-int8"]["kl_mean"] > 0
     bad = CliRunner().invoke(bench_command, ["--systems", "t5vh,warp-drive", "--cache-dir", str(tmp_path / "cache")])

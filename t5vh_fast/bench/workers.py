@@ -214,7 +214,10 @@ def floor_worker(spec: dict) -> dict:
     The bytes are the fp32 matrices of the single layout's decoder graph (what a
     step reads). The bandwidth is measured in this run: the best of onnxruntime
     MatMuls (batch 1, same thread count) streaming a matrix as big as those
-    weights; NumPy's copy bandwidth is reported beside it.
+    weights; NumPy's copy bandwidth is reported beside it. Beside the floor, what
+    the step's matrix products alone take in onnxruntime: one graph of only
+    MatMuls of the decoder's matrices' shapes at batch 1, its median run
+    (``matmuls_ms``), so a report can say how much of a step is other work.
     """
     import numpy as np
     import onnx
@@ -222,13 +225,13 @@ def floor_worker(spec: dict) -> dict:
     from onnx import TensorProto, helper, numpy_helper
 
     graph = onnx.load(str(Path(spec["export_dir"]) / "t5vh_decoder.onnx"), load_external_data=False).graph
-    weights = sum(
-        int(np.prod(init.dims)) * 4
-        for init in graph.initializer
-        if init.data_type == TensorProto.FLOAT and len(init.dims) == 2
-    )
+    shapes = [
+        tuple(init.dims) for init in graph.initializer if init.data_type == TensorProto.FLOAT and len(init.dims) == 2
+    ]
+    weights = sum(rows * cols * 4 for rows, cols in shapes)
     options = ort.SessionOptions()
     options.intra_op_num_threads = spec["threads"]
+    matmuls_ms = _matmuls_only_ms(shapes, options)
     read_gb_s, matrix = 0.0, None
     for k in (512, 1024, 2048, 4096):  # MLAS streams some shapes faster than others: take the best
         cols = max(weights // 4 // k, 1)
@@ -257,7 +260,32 @@ def floor_worker(spec: dict) -> dict:
         "read_gb_s": read_gb_s,
         "copy_gb_s": 2 * matrix.nbytes / copy_best / 1e9,
         "floor_ms": 1000 * weights / (read_gb_s * 1e9),
+        "matmuls_ms": matmuls_ms,
     }
+
+
+def _matmuls_only_ms(shapes: list, options) -> float:
+    """Median ms of one onnxruntime run of only these batch-1 MatMuls (random weights of these shapes)."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes, inputs, outputs, weights, feeds = [], [], [], [], {}
+    for i, (rows, cols) in enumerate(shapes):
+        weights.append(numpy_helper.from_array(rng.random((rows, cols), dtype=np.float32), f"w{i}"))
+        inputs.append(helper.make_tensor_value_info(f"x{i}", TensorProto.FLOAT, [1, rows]))
+        outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1, cols]))
+        nodes.append(helper.make_node("MatMul", [f"x{i}", f"w{i}"], [f"y{i}"]))
+        feeds[f"x{i}"] = np.ones((1, rows), dtype=np.float32)
+    model = helper.make_model(
+        helper.make_graph(nodes, "matmuls", inputs, outputs, weights), opset_imports=[helper.make_opsetid("", 17)]
+    )
+    model.ir_version = 9
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    for _ in range(5):
+        session.run(None, feeds)
+    return 1000 * float(np.median([_timed(session.run, None, feeds) for _ in range(100)]))
 
 
 def convert_worker(spec: dict) -> dict:

@@ -52,8 +52,18 @@ class _Builder:
         self.nodes.append(helper.make_node(op, inputs, [output], **attrs))
         return output
 
-    def model(self, name: str, inputs: list, outputs: list) -> onnx.ModelProto:
-        graph = helper.make_graph(self.nodes, name, inputs, outputs, self.constants)
+    def model(self, name: str, inputs: list, outputs: dict, rows: str) -> onnx.ModelProto:
+        """``inputs``: ``(name, element type, dims)``; ``outputs``: ``{name: (value, element type)}``, each
+        value ``rows`` x 1, squeezed to ``rows``."""
+        for output, (value, _) in outputs.items():
+            self.node("Squeeze", [value, self.const(f"squeeze_{output}", [1])], output)
+        graph = helper.make_graph(
+            self.nodes,
+            name,
+            [helper.make_tensor_value_info(*spec) for spec in inputs],
+            [helper.make_tensor_value_info(output, dtype, [rows]) for output, (_, dtype) in outputs.items()],
+            self.constants,
+        )
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="t5vh_fast")
         model.ir_version = 9
         return model
@@ -121,20 +131,16 @@ def sampler_graph(vocab_size: int) -> onnx.ModelProto:
         to=TensorProto.FLOAT,
     )
     logprob = node("Sub", [node("GatherElements", ["logits", clamped], "chosen", axis=1), lse], "logprob2")
-    for value, name in ((token, "token"), (logprob, "logprob"), (lse, "lse"), (lost, "lost")):
-        node("Squeeze", [value, const(f"squeeze_{name}", [1])], name)
     return builder.model(
         "t5vh_sampler",
-        [
-            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["rows", vocab_size]),
-            helper.make_tensor_value_info("u", TensorProto.DOUBLE, ["rows"]),
-        ],
-        [
-            helper.make_tensor_value_info("token", TensorProto.INT64, ["rows"]),
-            helper.make_tensor_value_info("logprob", TensorProto.FLOAT, ["rows"]),
-            helper.make_tensor_value_info("lse", TensorProto.FLOAT, ["rows"]),
-            helper.make_tensor_value_info("lost", TensorProto.BOOL, ["rows"]),
-        ],
+        [("logits", TensorProto.FLOAT, ["rows", vocab_size]), ("u", TensorProto.DOUBLE, ["rows"])],
+        {
+            "token": (token, TensorProto.INT64),
+            "logprob": (logprob, TensorProto.FLOAT),
+            "lse": (lse, TensorProto.FLOAT),
+            "lost": (lost, TensorProto.BOOL),
+        },
+        "rows",
     )
 
 
@@ -156,16 +162,9 @@ def scorer_graph(vocab_size: int) -> onnx.ModelProto:
         "GatherElements", ["logits", node("Unsqueeze", ["token", const("one", [1])], "token2")], "chosen", axis=1
     )
     logprob = node("Sub", [chosen, lse], "logprob2")
-    for value, name in ((logprob, "logprob"), (entropy, "entropy")):
-        node("Squeeze", [value, const(f"squeeze_{name}", [1])], name)
     return builder.model(
         "t5vh_scorer",
-        [
-            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["positions", vocab_size]),
-            helper.make_tensor_value_info("token", TensorProto.INT64, ["positions"]),
-        ],
-        [
-            helper.make_tensor_value_info("logprob", TensorProto.FLOAT, ["positions"]),
-            helper.make_tensor_value_info("entropy", TensorProto.FLOAT, ["positions"]),
-        ],
+        [("logits", TensorProto.FLOAT, ["positions", vocab_size]), ("token", TensorProto.INT64, ["positions"])],
+        {"logprob": (logprob, TensorProto.FLOAT), "entropy": (entropy, TensorProto.FLOAT)},
+        "positions",
     )
