@@ -36,6 +36,7 @@ from .manifest import (
     DECODER_WITH_PAST,
     ENCODER,
     ENCODER_GRAPH,
+    LOOKUP_GRAPH,
     SAMPLER_GRAPH,
     SCORER_GRAPH,
 )
@@ -329,9 +330,10 @@ class SingleDecoder(OnnxDecoder):
     layout = "single"
     files = (ENCODER_GRAPH, DECODER_GRAPH)
 
-    def __init__(self, root: Path, *, sampler: bool = False, scorer: bool = False, **kwargs):
-        """``sampler`` / ``scorer``: the export lists ``t5vh_sampler.onnx`` / ``t5vh_scorer.onnx``; on CUDA
-        unfiltered draws / the scorer's log-softmax then run on the device."""
+    def __init__(self, root: Path, *, sampler: bool = False, scorer: bool = False, lookup: bool = False, **kwargs):
+        """``sampler`` / ``scorer`` / ``lookup``: the export lists ``t5vh_sampler.onnx`` /
+        ``t5vh_scorer.onnx`` / ``t5vh_lookup.onnx``; on CUDA unfiltered draws / the scorer's log-softmax /
+        large embedding lookups then run on the device."""
         super().__init__(root, **kwargs)
         self.host = load_host_tables(self.root)
         names = self.graphs[1].inputs
@@ -349,6 +351,8 @@ class SingleDecoder(OnnxDecoder):
         self._vocab = int(self.host["embedding"].shape[0])
         self._sampler = self._device_graph(SAMPLER_GRAPH) if sampler else None
         self._scorer = self._device_graph(SCORER_GRAPH) if scorer else None
+        self._lookup = self._device_graph(LOOKUP_GRAPH) if lookup else None
+        self._table = None  # the embedding on the device, for the lookup graph: copied there at its first use
         if self.device == "cuda":  # a GPU's batches look up thousands of rows a call; its host has the RAM
             self.host["embedding"].keep_in_memory()
 
@@ -379,11 +383,36 @@ class SingleDecoder(OnnxDecoder):
         new = super().with_weights(arrays)
         new.host = {**self.host, **arrays.get("host", {})}
         new._encoder_bias, new._decoder_bias, new._positions = {}, {}, {}
+        new._table = None
         return new
+
+    def embed(self, ids: np.ndarray, out: Optional[ort.OrtValue] = None) -> ort.OrtValue:
+        """The token embeddings of ``ids`` on the session's device, written into ``out`` when given.
+
+        With the lookup graph (CUDA) a lookup of more than ``FEW_ROWS`` ids gathers them on the device
+        from the table kept there, so only the ids go up; a sampling step's few rows are read on the
+        host and copied, which costs less than one more session run."""
+        if self._lookup is None or ids.size <= FEW_ROWS:
+            embeds = self.host["embedding"][ids]
+            if out is None:
+                return self.to_device(embeds)
+            out.update_inplace(embeds)
+            return out
+        if self._table is None:
+            self._table = self.to_device(np.asarray(self.host["embedding"][np.arange(self._vocab)]))
+        binding = self._lookup.io_binding()
+        binding.bind_ortvalue_input("table", self._table)
+        binding.bind_cpu_input("ids", np.ascontiguousarray(ids, dtype=np.int64))
+        if out is None:
+            binding.bind_output("embeds", self.device, self.device_id)
+        else:
+            binding.bind_ortvalue_output("embeds", out)
+        self._lookup.run_with_iobinding(binding)
+        return binding.get_outputs()[0] if out is None else out
 
     def encode(self, ids, mask, *, num_samples=1, capacity=0):
         feeds = {
-            "inputs_embeds": self.to_device(self.host["embedding"][ids]),
+            "inputs_embeds": self.embed(ids),
             "attention_mask": self.to_device(mask.astype(np.int32)),
             "position_bias": self.to_device(self._encoder_position_bias(ids.shape[1])),
         }
@@ -410,7 +439,6 @@ class SingleDecoder(OnnxDecoder):
             select = self._all_positions(rows * steps)
         else:
             select = self.to_device(select)
-        embeds = self.host["embedding"][tokens]
         io = state.io
         if state.binding is None or io is None or io.shape != (rows, steps, picked, logits_on_device):
             # logits and values land in NumPy's memory, not onnxruntime's arena: NumPy hands a large block
@@ -425,7 +453,7 @@ class SingleDecoder(OnnxDecoder):
             )
             io = StepIO(
                 (rows, steps, picked, logits_on_device),
-                self.to_device(embeds),
+                self.embed(tokens),
                 logits,
                 np.empty(picked, dtype=np.float32),
                 np.zeros(1, dtype=np.int32),
@@ -437,7 +465,7 @@ class SingleDecoder(OnnxDecoder):
             )
             binding.bind_ortvalue_output("value", ort.OrtValue.ortvalue_from_numpy(io.values))
         else:
-            io.embeds.update_inplace(embeds)
+            self.embed(tokens, out=io.embeds)
         binding.bind_ortvalue_input("position_bias", self._decoder_position_bias(state.length, steps))
         binding.bind_ortvalue_input("select", select)
         io.past_length[0] = state.length

@@ -22,6 +22,7 @@ from .inputs import (
 from .manifest import (
     DECODER_GRAPH,
     ENCODER_GRAPH,
+    LOOKUP_GRAPH,
     SAMPLER_GRAPH,
     SCORER_GRAPH,
     check_files,
@@ -396,6 +397,7 @@ def load(
     if precision == "int8" and providers == "auto":
         providers = "cpu"  # int8 exports are made for the CPU provider
     _check_precision_runs(precision, providers, cuda)
-    options = {"sampler": SAMPLER_GRAPH in needed, "scorer": SCORER_GRAPH in needed} if layout == "single" else {}
+    graphs = {"sampler": SAMPLER_GRAPH, "scorer": SCORER_GRAPH, "lookup": LOOKUP_GRAPH}
+    options = {option: name in needed for option, name in graphs.items()} if layout == "single" else {}
     opened = open_decoder(root, layout, providers=providers, threads=threads, cuda=cuda, tensorrt=tensorrt, **options)
     return OnnxPolicy(root, manifest, opened)

@@ -92,6 +92,7 @@ def test_cuda_scores_on_the_device_as_the_host_does(tiny_export):
     host = t5vh_fast.load(tiny_export, providers="cuda")
     assert device.decoder.scores_on_device
     assert device.decoder.host["embedding"]._resident is not None  # a batch's thousands of rows: read once, kept
+    assert device.decoder._lookup is not None  # and gathered on the device (t5vh_lookup.onnx)
     host.decoder._scorer = None  # the host path, as on an export without t5vh_scorer.onnx
     ids, mask = mixed_queries(64, 256, seed=26, max_len=20)
     rng = np.random.default_rng(27)

@@ -650,3 +650,48 @@ def test_device_scores_that_are_not_finite_are_refused(tiny_export, monkeypatch)
     responses, resp_mask = t5vh_fast.pad_batch([[5, 6, 7], [8, 9], [10, 11, 12, 13]])
     with pytest.raises(NonFiniteError, match="row 2, response position 3"):
         policy.score(ids, responses, mask, resp_mask)
+
+
+def test_the_device_lookup_path_gives_the_host_numbers(tiny_export, monkeypatch):
+    """Token embeddings gathered by t5vh_lookup.onnx from a table kept on the device (what CUDA runs), here
+    on the CPU provider: the rollouts and scores of the host's lookup. Lookups of more than FEW_ROWS ids
+    (the encoder's batch, a scoring call) take the graph, a sampling step's few rows the host; a table
+    with new weights is copied to the device again."""
+    import onnxruntime as ort
+
+    from t5vh_fast import decoder as decoder_module
+    from t5vh_fast.manifest import LOOKUP_GRAPH
+
+    host, device = t5vh_fast.load(tiny_export, providers="cpu"), t5vh_fast.load(tiny_export, providers="cpu")
+    session = ort.InferenceSession(str(tiny_export / LOOKUP_GRAPH), providers=["CPUExecutionProvider"])
+    runs = []
+
+    class Counting:
+        def io_binding(self):
+            return session.io_binding()
+
+        def run_with_iobinding(self, binding):
+            runs.append(1)
+            session.run_with_iobinding(binding)
+
+    device.decoder._lookup = Counting()
+    ids, mask = mixed_queries(16, 256, seed=38)  # > FEW_ROWS query tokens: the encoder's lookup takes the graph
+    a, b = device.respond_to_batch(ids, mask, txt_len=6, seed=8), host.respond_to_batch(ids, mask, txt_len=6, seed=8)
+    assert len(runs) == 1  # the encoder's; the steps' 16 rows each were read on the host
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    assert np.abs(a.logprobs - b.logprobs).max() <= tol(b.logprobs)
+    runs.clear()
+    ours, theirs = device.score(ids, a.tokens, mask), host.score(ids, a.tokens, mask)
+    assert len(runs) >= 2  # the encoder's and the decoder calls'
+    for name in ("logprobs", "values", "entropy"):
+        assert np.abs(getattr(ours, name) - getattr(theirs, name)).max() <= tol(getattr(theirs, name))
+    monkeypatch.setattr(decoder_module, "FEW_ROWS", 0)  # every lookup through the graph
+    table = np.asarray(device.decoder.host["embedding"][np.arange(256)])
+    tokens = np.array([[3, 255, 0], [7, 7, 1]])
+    assert device.decoder._table is not None
+    np.testing.assert_array_equal(device.decoder.embed(tokens).numpy(), table[tokens])
+    doubled = device.decoder.with_weights({"host": {"embedding": 2 * table}})
+    np.testing.assert_array_equal(doubled.embed(tokens).numpy(), 2 * table[tokens])
+    out = doubled.to_device(np.zeros((2, 3, table.shape[1]), dtype=np.float32))
+    assert doubled.embed(tokens, out=out) is out and np.array_equal(out.numpy(), 2 * table[tokens])
+    np.testing.assert_array_equal(device.decoder.embed(tokens).numpy(), table[tokens])  # the old one unchanged

@@ -1,5 +1,5 @@
-"""``t5vh_sampler.onnx`` and ``t5vh_scorer.onnx``: the sampler's draw and the scorer's log-softmax as
-ONNX graphs, for the GPU.
+"""``t5vh_sampler.onnx``, ``t5vh_scorer.onnx`` and ``t5vh_lookup.onnx``: the sampler's draw, the
+scorer's log-softmax and the embedding lookup as ONNX graphs, for the GPU.
 
 On CUDA the decoder's logits can stay on the device: this graph draws each
 row's token there and only B tokens, log-probs and log-sum-exps come back to
@@ -18,7 +18,9 @@ top_p=1) on CUDA; the CPU keeps NumPy (there the graph was no faster).
 ``scorer_graph`` is ``t5vh_fast.scoring``'s pass over the scored positions'
 logits, for the same reason: on CUDA only the positions' log-probs and
 entropies come back, not P x V logits (2 GB for 16k positions at a 32k
-vocabulary) and a NumPy pass over them on one core.
+vocabulary) and a NumPy pass over them on one core. ``lookup_graph`` gathers
+token embeddings from the table kept on the device, so a batch's ids go up,
+not its rows x length x d_model embeddings.
 
 Inputs: ``logits`` (B x V float32), ``u`` (B float64). Outputs: ``token`` (B
 int64), ``logprob`` (B float32), ``lse`` (B float32: non-finite for a row with
@@ -168,3 +170,19 @@ def scorer_graph(vocab_size: int) -> onnx.ModelProto:
         {"logprob": (logprob, TensorProto.FLOAT), "entropy": (entropy, TensorProto.FLOAT)},
         "positions",
     )
+
+
+def lookup_graph() -> onnx.ModelProto:
+    """``embeds = table[ids]``: ``table`` (vocab x d, kept on the device), ``ids`` (rows x length int64)."""
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["embeds"], axis=0)],
+        "t5vh_lookup",
+        [
+            helper.make_tensor_value_info("table", TensorProto.FLOAT, ["vocab", "d"]),
+            helper.make_tensor_value_info("ids", TensorProto.INT64, ["rows", "length"]),
+        ],
+        [helper.make_tensor_value_info("embeds", TensorProto.FLOAT, ["rows", "length", "d"])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="t5vh_fast")
+    model.ir_version = 9
+    return model

@@ -9,10 +9,10 @@ import numpy as np
 import torch
 
 from ..decoder import EMBEDDING_FILE, TABLES_FILE
-from ..manifest import DECODER_GRAPH, ENCODER_GRAPH, SAMPLER_GRAPH, SCORER_GRAPH
+from ..manifest import DECODER_GRAPH, ENCODER_GRAPH, LOOKUP_GRAPH, SAMPLER_GRAPH, SCORER_GRAPH
 from ..weights import ModelSpec, checkpoint_params, plan_arrays
 from .graph import decoder_graph, encoder_graph, save
-from .sampler import sampler_graph, scorer_graph
+from .sampler import lookup_graph, sampler_graph, scorer_graph
 
 
 def write_single_layout(model, out: Path, *, precision: str = "fp32", keep_fp32: tuple = ()) -> List[str]:
@@ -29,7 +29,8 @@ def write_single_layout(model, out: Path, *, precision: str = "fp32", keep_fp32:
     np.savez(out / TABLES_FILE, **host, **bucket_tables(spec))
     (out / SAMPLER_GRAPH).write_bytes(sampler_graph(spec.vocab_size).SerializeToString())
     (out / SCORER_GRAPH).write_bytes(scorer_graph(spec.vocab_size).SerializeToString())
-    return files + [EMBEDDING_FILE, TABLES_FILE, SAMPLER_GRAPH, SCORER_GRAPH]
+    (out / LOOKUP_GRAPH).write_bytes(lookup_graph().SerializeToString())
+    return files + [EMBEDDING_FILE, TABLES_FILE, SAMPLER_GRAPH, SCORER_GRAPH, LOOKUP_GRAPH]
 
 
 def bucket_tables(spec: ModelSpec) -> dict:
