@@ -357,8 +357,9 @@ class SingleDecoder(OnnxDecoder):
             self.host["embedding"].keep_in_memory()
 
     def _device_graph(self, name: str) -> Optional[ort.InferenceSession]:
-        """The session of a graph that works on logits left on the device, or None where the host does it:
-        on CUDA only (on the CPU NumPy was as fast, benchmarks/RESULTS.md), and on CUDA's own kernels, not
+        """The session of a small graph that does on the device what NumPy does on the host (the draw, the
+        scorer's log-softmax, the embedding lookup), or None where the host does it: on CUDA only (on the
+        CPU the graphs were no faster than NumPy, benchmarks/RESULTS.md), and on CUDA's own kernels, not
         TensorRT's (float64 CumSum); where it cannot start, the host does the work as before."""
         if CUDA not in self.providers:
             return None

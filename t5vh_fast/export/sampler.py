@@ -15,18 +15,18 @@ of a token's CDF edge (a near-tie, ~1e-7 of draws) the neighbouring token
 can be picked, as between any two fp32 implementations of the model. The runtime uses it for unfiltered sampling (top_k=0,
 top_p=1) on CUDA; the CPU keeps NumPy (there the graph was no faster).
 
+Inputs: ``logits`` (B x V float32), ``u`` (B float64). Outputs: ``token`` (B
+int64), ``logprob`` (B float32), ``lse`` (B float32: non-finite for a row with
+a NaN or +inf logit), ``lost`` (B bool: the draw landed past the row's end or
+on a token without mass, where the block sums and the running sum rounded
+differently; ``draw`` then decides on the host from the full float64 CDF).
+
 ``scorer_graph`` is ``t5vh_fast.scoring``'s pass over the scored positions'
 logits, for the same reason: on CUDA only the positions' log-probs and
 entropies come back, not P x V logits (2 GB for 16k positions at a 32k
 vocabulary) and a NumPy pass over them on one core. ``lookup_graph`` gathers
 token embeddings from the table kept on the device, so a batch's ids go up,
 not its rows x length x d_model embeddings.
-
-Inputs: ``logits`` (B x V float32), ``u`` (B float64). Outputs: ``token`` (B
-int64), ``logprob`` (B float32), ``lse`` (B float32: non-finite for a row with
-a NaN or +inf logit), ``lost`` (B bool: the draw landed past the row's end or
-on a token without mass, where the block sums and the running sum rounded
-differently; ``draw`` then decides on the host from the full float64 CDF).
 """
 
 from __future__ import annotations
