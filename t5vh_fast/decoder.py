@@ -353,6 +353,11 @@ class SingleDecoder(OnnxDecoder):
         self._scorer = self._device_graph(SCORER_GRAPH) if scorer else None
         self._lookup = self._device_graph(LOOKUP_GRAPH) if lookup else None
         self._table = None  # the embedding on the device, for the lookup graph: copied there at its first use
+        # the scorer graph's P x V temporaries go back to the device when its run ends: an arena keeps what it
+        # grew to (GBs for a large scoring call), and a PPO process's torch needs that memory
+        self._give_back: Optional[ort.RunOptions] = ort.RunOptions()
+        where = f"gpu:{self.device_id}" if self.device == "cuda" else "cpu:0"
+        self._give_back.add_run_config_entry("memory.enable_memory_arena_shrinkage", where)
         if self.device == "cuda":  # a GPU's batches look up thousands of rows a call; its host has the RAM
             self.host["embedding"].keep_in_memory()
 
@@ -504,7 +509,15 @@ class SingleDecoder(OnnxDecoder):
         binding.bind_cpu_input("token", np.ascontiguousarray(chosen, dtype=np.int64))
         for name in ("logprob", "entropy"):
             binding.bind_output(name, "cpu")
-        self._scorer.run_with_iobinding(binding)
+        try:
+            self._scorer.run_with_iobinding(binding, self._give_back)
+        except Exception as exc:  # onnxruntime's failures are not all RuntimeError
+            if self._give_back is None or "arena shrink" not in str(exc):
+                raise
+            # refused before the run started (no arena on that device): run as is, the memory stays held
+            warnings.warn(f"the scorer graph's memory stays held on the device ({exc})", stacklevel=2)
+            self._give_back = None
+            self._scorer.run_with_iobinding(binding)
         logprobs, entropy = binding.copy_outputs_to_cpu()
         return logprobs, values, entropy
 

@@ -639,8 +639,8 @@ def test_device_scores_that_are_not_finite_are_refused(tiny_export, monkeypatch)
         def io_binding(self):
             return session.io_binding()
 
-        def run_with_iobinding(self, binding):
-            session.run_with_iobinding(binding)
+        def run_with_iobinding(self, binding, *options):
+            session.run_with_iobinding(binding, *options)
             logprob, entropy = [np.array(o) for o in binding.copy_outputs_to_cpu()]
             entropy[-1] = np.nan
             binding.copy_outputs_to_cpu = lambda: [logprob, entropy]
@@ -695,3 +695,26 @@ def test_the_device_lookup_path_gives_the_host_numbers(tiny_export, monkeypatch)
     out = doubled.to_device(np.zeros((2, 3, table.shape[1]), dtype=np.float32))
     assert doubled.embed(tokens, out=out) is out and np.array_equal(out.numpy(), 2 * table[tokens])
     np.testing.assert_array_equal(device.decoder.embed(tokens).numpy(), table[tokens])  # the old one unchanged
+
+
+def test_the_scorer_graph_gives_its_memory_back_or_says_it_cannot(tiny_export):
+    """The scorer graph runs with onnxruntime's arena shrinkage for its device (its P x V temporaries are
+    not kept); where onnxruntime refuses that setting, scoring warns once and runs without it."""
+    import onnxruntime as ort
+
+    policy = _with_device_scoring(tiny_export)
+    ids, mask = mixed_queries(4, 256, seed=39)
+    responses, resp_mask = t5vh_fast.pad_batch([[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]])
+    expected = policy.score(ids, responses, mask, resp_mask)  # the CPU's arena, shrunk after each run
+    assert policy.decoder._give_back is not None
+    refused = ort.RunOptions()
+    refused.add_run_config_entry("memory.enable_memory_arena_shrinkage", "gpu:7")  # no such arena here
+    policy.decoder._give_back = refused
+    with pytest.warns(UserWarning, match="memory stays held"):
+        got = policy.score(ids, responses, mask, resp_mask)
+    assert policy.decoder._give_back is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = policy.score(ids, responses, mask, resp_mask)
+    for scores in (got, again):
+        assert np.abs(scores.logprobs - expected.logprobs).max() <= tol(expected.logprobs)
