@@ -663,6 +663,7 @@ def test_the_device_lookup_path_gives_the_host_numbers(tiny_export, monkeypatch)
     from t5vh_fast.manifest import LOOKUP_GRAPH
 
     host, device = t5vh_fast.load(tiny_export, providers="cpu"), t5vh_fast.load(tiny_export, providers="cpu")
+    assert host.decoder.host["embedding"]._resident is None  # the CPU reads rows as asked (RSS), CUDA keeps them
     session = ort.InferenceSession(str(tiny_export / LOOKUP_GRAPH), providers=["CPUExecutionProvider"])
     runs = []
 
