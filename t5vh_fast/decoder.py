@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import os
 import threading
 import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import onnxruntime as ort
@@ -37,6 +38,7 @@ from .manifest import (
     ENCODER,
     ENCODER_GRAPH,
     LOOKUP_GRAPH,
+    PACKED_GRAPH,
     SAMPLER_GRAPH,
     SCORER_GRAPH,
 )
@@ -97,6 +99,8 @@ class StepIO:
 class Graph:
     """One onnxruntime session, run through IO binding."""
 
+    started = True  # its session exists (a ``LazyGraph``'s starts at its first use)
+
     def __init__(self, session: ort.InferenceSession, device: str, device_id: int = 0):
         self.session = session
         self.device = device
@@ -122,6 +126,32 @@ class Graph:
                 binding.bind_output(name, self.device, self.device_id)
         self.session.run_with_iobinding(binding)
         return dict(zip(self.outputs, binding.get_outputs()))
+
+
+class LazyGraph:
+    """A ``Graph`` whose session starts at its first use (``start`` makes it), once, whichever thread asks.
+
+    A scoring job never starts the sampling decoder and a rollout worker never starts the packed
+    scoring decoder: each session holds its weights (~150 MB at t5-small size) once it starts."""
+
+    def __init__(self, start: Callable[[], ort.InferenceSession], device: str, device_id: int = 0):
+        self._start, self.device, self.device_id = start, device, device_id
+        self._graph: Optional[Graph] = None
+        self._lock = threading.Lock()
+
+    @property
+    def started(self) -> bool:
+        return self._graph is not None
+
+    def __getattr__(self, name):  # session, inputs, outputs, run: the started Graph's
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if self._graph is None:
+            with self._lock:
+                if self._graph is None:
+                    self._graph = Graph(self._start(), self.device, self.device_id)
+                    self._start = None  # what it captured (new weights) is in the session now
+        return getattr(self._graph, name)
 
 
 class OnnxDecoder(ABC):
@@ -162,7 +192,7 @@ class OnnxDecoder(ABC):
         self.providers: List[str] = sessions[0].get_providers()
         self.device = "cuda" if self.providers[0] in (CUDA, TENSORRT) else "cpu"
         self.device_id = self.cuda.device_id if self.device == "cuda" else 0
-        self.graphs = [Graph(s, self.device, self.device_id) for s in sessions]
+        self.graphs = [Graph(s, self.device, self.device_id) if s is not None else None for s in sessions]
 
     def _sessions(self, provider_list: List[str]) -> List[ort.InferenceSession]:
         # the largest graph first: while a session is built its weight file is mapped and its packed copy
@@ -330,28 +360,43 @@ class SingleDecoder(OnnxDecoder):
     layout = "single"
     files = (ENCODER_GRAPH, DECODER_GRAPH)
 
-    def __init__(self, root: Path, *, sampler: bool = False, scorer: bool = False, lookup: bool = False, **kwargs):
+    def __init__(
+        self,
+        root: Path,
+        *,
+        sampler: bool = False,
+        scorer: bool = False,
+        lookup: bool = False,
+        packed: bool = False,
+        **kwargs,
+    ):
         """``sampler`` / ``scorer`` / ``lookup``: the export lists ``t5vh_sampler.onnx`` /
         ``t5vh_scorer.onnx`` / ``t5vh_lookup.onnx``; on CUDA unfiltered draws / the scorer's log-softmax /
-        large embedding lookups then run on the device."""
+        large embedding lookups then run on the device. ``packed``: it lists ``t5vh_decoder_packed.onnx``,
+        which scores on the CPU (``packed_scores``).
+
+        On the CPU the decoder sessions start at their first use: the sampling decoder at the first
+        step, the packed one at the first ``packed_scores``; a process that only scores (or only
+        samples) never holds the other's weights. On CUDA the decoder starts at once."""
         super().__init__(root, **kwargs)
         self.host = load_host_tables(self.root)
-        names = self.graphs[1].inputs
-        self.num_layers = sum(1 for name in names if name.startswith("past_key."))
-        self._heads, self._d_kv = int(names["past_key.0"].shape[1]), int(names["past_key.0"].shape[3])
+        cross_keys = [o for o in self.graphs[0].session.get_outputs() if o.name.startswith("cross_key.")]
+        self.num_layers = len(cross_keys)
+        self._heads, self._d_kv = int(cross_keys[0].shape[1]), int(cross_keys[0].shape[3])
         layers = range(self.num_layers)
         self._cross = [f"cross_{kind}.{i}" for i in layers for kind in ("key", "value")]
         self._past = [f"past_{kind}.{i}" for i in layers for kind in ("key", "value")]
         self._present = [f"present_{kind}.{i}" for i in layers for kind in ("key", "value")]
-        # the KV cache's element type, as the graph declares it: fp32 (an fp16/bf16 export made before
-        # self-attention moved to fp32 declares 16 bits: the CPU runs it, CUDA does not run it right)
-        self._cache_types = [_ELEMENT_TYPES[names[name].type] for name in self._past]
-        check_cache_types(self.root, self.device, self._cache_types)
+        if self.graphs[1] is None:
+            self.graphs[1] = self._lazy(DECODER_GRAPH)
+        else:
+            check_cache_types(self.root, self.device, self._cache_types)
         self._encoder_bias, self._decoder_bias, self._positions = {}, {}, {}
         self._vocab = int(self.host["embedding"].shape[0])
         self._sampler = self._device_graph(SAMPLER_GRAPH) if sampler else None
         self._scorer = self._device_graph(SCORER_GRAPH) if scorer else None
         self._lookup = self._device_graph(LOOKUP_GRAPH) if lookup else None
+        self._packed = self._lazy(PACKED_GRAPH) if packed and self.device == "cpu" else None
         self._table = None  # the embedding on the device, for the lookup graph: copied there at its first use
         # the scorer graph's P x V temporaries go back to the device when its run ends: an arena keeps what it
         # grew to (GBs for a large scoring call), and a PPO process's torch needs that memory
@@ -360,6 +405,31 @@ class SingleDecoder(OnnxDecoder):
         self._give_back.add_run_config_entry("memory.enable_memory_arena_shrinkage", where)
         if self.device == "cuda":  # a GPU's batches look up thousands of rows a call; its host has the RAM
             self.host["embedding"].keep_in_memory()
+
+    def _sessions(self, provider_list: List[str]) -> List[Optional[ort.InferenceSession]]:
+        if provider_list[0] != CPU:
+            return super()._sessions(provider_list)
+        return [self._session(ENCODER_GRAPH, provider_list), None]  # the decoder starts at its first step
+
+    def _lazy(self, name: str, weights: Optional[Dict[str, np.ndarray]] = None) -> LazyGraph:
+        """A decoder graph's session, to start at its first use (not holding on to this decoder)."""
+        start = functools.partial(
+            make_session,
+            self.root / name,
+            list(self.providers),
+            self.threads,
+            cuda=self.cuda,
+            tensorrt=self.tensorrt,
+            initializers=weights,
+        )
+        return LazyGraph(start, self.device, self.device_id)
+
+    @property
+    def _cache_types(self) -> list:
+        """The KV cache's element types, as the decoder graph declares them: fp32 (an fp16/bf16 export made
+        before self-attention moved to fp32 declares 16 bits: the CPU runs it, CUDA does not run it right)."""
+        names = self.graphs[1].inputs
+        return [_ELEMENT_TYPES[names[name].type] for name in self._past]
 
     def _device_graph(self, name: str) -> Optional[ort.InferenceSession]:
         """The session of a small graph that does on the device what NumPy does on the host (the draw, the
@@ -385,8 +455,23 @@ class SingleDecoder(OnnxDecoder):
         return self._scorer is not None
 
     def with_weights(self, arrays):
-        """As ``OnnxDecoder.with_weights``; ``arrays["host"]`` replaces the NumPy tables."""
-        new = super().with_weights(arrays)
+        """As ``OnnxDecoder.with_weights``; ``arrays["host"]`` replaces the NumPy tables.
+
+        A session that has started is built again at once. The sampling decoder, if it has not, starts
+        on the new weights at its first step (keeping them until then); the packed decoder, if it has
+        not, is dropped: a process that refreshes weights before it ever scores (a rollout worker)
+        would otherwise keep the decoder's weights for it, and ``score`` runs without it as before."""
+        new = copy.copy(self)
+        new.graphs = [
+            self._lazy(name, arrays.get(name))
+            if isinstance(graph, LazyGraph) and not graph.started
+            else Graph(self._session(name, self.providers, arrays.get(name)), self.device, self.device_id)
+            for name, graph in zip(self.files, self.graphs)
+        ]
+        new._packed = None
+        if self._packed is not None and self._packed.started:
+            session = self._session(PACKED_GRAPH, self.providers, arrays.get(DECODER_GRAPH))  # the same tensors
+            new._packed = Graph(session, self.device, self.device_id)
         new.host = {**self.host, **arrays.get("host", {})}
         new._encoder_bias, new._decoder_bias, new._positions = {}, {}, {}
         new._table = None
@@ -424,8 +509,10 @@ class SingleDecoder(OnnxDecoder):
         }
         out = self.graphs[0].run(feeds)
         rows = ids.shape[0] * num_samples
-        capacity = capacity or 1
         cross = [out[n] for n in self._cross]
+        if capacity is None:  # for packed_scores, which keeps no cache
+            return DecoderState([], cross, None, feeds["attention_mask"], rows, 0, 0)
+        capacity = capacity or 1
         return DecoderState(self._cache(rows, capacity), cross, None, feeds["attention_mask"], rows, 0, capacity)
 
     def rows_of(self, state, rows, *, capacity):
@@ -520,6 +607,35 @@ class SingleDecoder(OnnxDecoder):
             self._scorer.run_with_iobinding(binding)
         logprobs, entropy = binding.copy_outputs_to_cpu()
         return logprobs, values, entropy
+
+    @property
+    def scores_packed(self) -> bool:
+        """Whether ``packed_scores`` is there (the CPU, and an export with the packed decoder)."""
+        return self._packed is not None
+
+    def packed_scores(self, state, tokens, lengths, real):
+        """One call of the packed decoder for scoring: ``(logits M x V, values M)`` at the ``real``
+        positions (ascending flat indices into the R x T grid of ``tokens``, each before its row's
+        ``lengths``). Only each row's first ``lengths`` positions run, and only those reach the
+        projections and feed-forward layers: a batch of ragged rows pays them no padding. ``state``
+        from ``encode(..., capacity=None)``. Call when ``scores_packed``."""
+        rows, steps = tokens.shape
+        active = np.flatnonzero(np.arange(steps)[None, :] < np.asarray(lengths)[:, None])
+        logits = np.empty((len(real), self._vocab), dtype=np.float32)
+        values = np.empty(len(real), dtype=np.float32)
+        binding = self._packed.session.io_binding()
+        binding.bind_ortvalue_input("inputs_embeds", self.embed(tokens.reshape(-1)[active]))
+        binding.bind_cpu_input("active", active.astype(np.int64))
+        binding.bind_cpu_input("grid", np.array([rows, steps], dtype=np.int64))
+        binding.bind_ortvalue_input("position_bias", self._decoder_position_bias(0, steps))
+        binding.bind_ortvalue_input("encoder_mask", state.encoder_mask)
+        for name, value in zip(self._cross, state.cross_kv):
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_cpu_input("select", np.searchsorted(active, real).astype(np.int64))
+        binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
+        binding.bind_ortvalue_output("value", ort.OrtValue.ortvalue_from_numpy(values))
+        self._packed.session.run_with_iobinding(binding)
+        return logits, values
 
     def _binding(self, state: DecoderState):
         """An IO binding for one rollout: the encoder mask, cross K/V and the cache (read and written in place)

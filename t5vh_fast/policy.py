@@ -23,6 +23,7 @@ from .manifest import (
     DECODER_GRAPH,
     ENCODER_GRAPH,
     LOOKUP_GRAPH,
+    PACKED_GRAPH,
     SAMPLER_GRAPH,
     SCORER_GRAPH,
     check_files,
@@ -397,7 +398,7 @@ def load(
     if precision == "int8" and providers == "auto":
         providers = "cpu"  # int8 exports are made for the CPU provider
     _check_precision_runs(precision, providers, cuda)
-    graphs = {"sampler": SAMPLER_GRAPH, "scorer": SCORER_GRAPH, "lookup": LOOKUP_GRAPH}
+    graphs = {"sampler": SAMPLER_GRAPH, "scorer": SCORER_GRAPH, "lookup": LOOKUP_GRAPH, "packed": PACKED_GRAPH}
     options = {option: name in needed for option, name in graphs.items()} if layout == "single" else {}
     opened = open_decoder(root, layout, providers=providers, threads=threads, cuda=cuda, tensorrt=tensorrt, **options)
     return OnnxPolicy(root, manifest, opened)

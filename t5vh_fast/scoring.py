@@ -46,6 +46,17 @@ def score(
         [np.full((batch, 1), decoder_start_token_id, dtype=np.int64), responses[:, :-1]], axis=1
     )
     lengths = scored_lengths(response_mask)
+    out = np.zeros((3, batch * length), dtype=np.float32)  # log-probs, values, entropy
+    if by_length is None and getattr(decoder, "scores_packed", False):  # the CPU: one call, no padding
+        if lengths.any():
+            state = decoder.encode(ids, mask, num_samples=num_samples, capacity=None)
+            steps = int(lengths.max())
+            real = np.flatnonzero(response_mask[:, :steps].reshape(-1))
+            logits, values = decoder.packed_scores(state, decoder_ids[:, :steps], lengths, real)
+            _host_scores(
+                out, logits, values, responses[:, :steps].reshape(-1)[real], real // steps * length + real % steps
+            )
+        return _checked_scores(out, response_mask, precision, weights_version)
     if by_length is None:
         by_length = decoder.device == "cpu"
     if by_length:
@@ -55,21 +66,31 @@ def score(
     whole = len(groups) == 1 and len(groups[0]) == batch  # one call on the batch as it is
     # the KV cache encode() allocates is only used by that one call; groups get their own
     state = decoder.encode(ids, mask, num_samples=num_samples, capacity=int(lengths.max()) if whole else 1)
-    out = np.zeros((3, batch * length), dtype=np.float32)  # log-probs, values, entropy
     on_device = getattr(decoder, "scores_on_device", False)
     for rows in groups:
         steps = int(lengths[rows].max())
         part = state if whole else decoder.rows_of(state, rows, capacity=steps)
         real = np.flatnonzero(response_mask[rows, :steps].reshape(-1))
         chosen = responses[rows, :steps].reshape(-1)[real]
+        positions = rows[real // steps] * length + real % steps  # flat positions in the R x T result
         if on_device:  # CUDA: the logits stay there, only P log-probs and entropies come back
             logprobs, values, entropy = decoder.score_step(part, decoder_ids[rows, :steps], real, chosen)
+            out[:, positions] = logprobs, values, entropy
         else:
             logits, values, _ = decoder.step(part, decoder_ids[rows, :steps], select=real)
-            lse, entropy = log_normalizer_and_entropy(logits)
-            logprobs = logits[np.arange(len(real)), chosen] - lse
-        positions = rows[real // steps] * length + real % steps  # flat positions in the R x T result
-        out[:, positions] = logprobs, values, entropy
+            _host_scores(out, logits, values, chosen, positions)
+    return _checked_scores(out, response_mask, precision, weights_version)
+
+
+def _host_scores(out: np.ndarray, logits: np.ndarray, values: np.ndarray, chosen: np.ndarray, positions) -> None:
+    """Log-probs of the ``chosen`` ids, values and entropies from M x V ``logits``, into ``out``'s flat
+    ``positions``."""
+    lse, entropy = log_normalizer_and_entropy(logits)
+    out[:, positions] = logits[np.arange(len(chosen)), chosen] - lse, values, entropy
+
+
+def _checked_scores(out: np.ndarray, response_mask: np.ndarray, precision: str, weights_version) -> Scores:
+    batch, length = response_mask.shape
     scored = np.flatnonzero(response_mask.reshape(-1))
     check_scores_finite(scored, length, *out[:, scored])  # after every group: the first bad row is named
     logprobs, values, entropy = out.reshape(3, batch, length)

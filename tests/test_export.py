@@ -16,15 +16,22 @@ from t5vh_fast.cli import export_command
 from t5vh_fast.demo import build_model, write_demo
 from t5vh_fast.export import ExportParityError, check_export, export
 from t5vh_fast.export import convert as convert_module
-from t5vh_fast.manifest import FORMAT_VERSION, LOOKUP_GRAPH, MANIFEST_NAME, SAMPLER_GRAPH, SCORER_GRAPH
+from t5vh_fast.manifest import (
+    FORMAT_VERSION,
+    LOOKUP_GRAPH,
+    MANIFEST_NAME,
+    PACKED_GRAPH,
+    SAMPLER_GRAPH,
+    SCORER_GRAPH,
+)
 
 from .conftest import assert_same_samples, mixed_queries, teacher_forced, tol
 
 GRAPHS = ["encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx", "decoder_model_merged.onnx"]
-SINGLE_GRAPHS = ["t5vh_encoder.onnx", "t5vh_decoder.onnx"]
+SINGLE_GRAPHS = ["t5vh_encoder.onnx", "t5vh_decoder.onnx", "t5vh_decoder_packed.onnx"]
 SINGLE_FILES = (
     SINGLE_GRAPHS
-    + [f"{g}.data" for g in SINGLE_GRAPHS]
+    + ["t5vh_encoder.onnx.data", "t5vh_decoder.onnx.data"]  # the packed decoder reads the decoder's weights
     + ["t5vh_embedding.npy", "t5vh_tables.npz", "t5vh_sampler.onnx", "t5vh_scorer.onnx", "t5vh_lookup.onnx"]
 )
 
@@ -121,15 +128,20 @@ def test_check_catches_wrong_decoder_scaling(tmp_path, family):
     assert not report["decoder_model.onnx"]["ok"]
     assert not report["decoder_with_past_model.onnx"]["ok"]
     assert not report["t5vh_decoder.onnx"]["ok"]
+    assert not report["t5vh_decoder_packed.onnx"]["ok"]
 
 
-@pytest.mark.parametrize("graph", [SAMPLER_GRAPH, SCORER_GRAPH, LOOKUP_GRAPH])
-def test_single_layout_carries_the_gpu_graphs_and_older_exports_work_without_them(
+NEWER_GRAPHS = (SAMPLER_GRAPH, SCORER_GRAPH, LOOKUP_GRAPH, PACKED_GRAPH)
+
+
+@pytest.mark.parametrize("graph", NEWER_GRAPHS)
+def test_single_layout_carries_the_newer_graphs_and_older_exports_work_without_them(
     tiny_export, tmp_path, monkeypatch, graph
 ):
     """The single layout lists t5vh_sampler.onnx, t5vh_scorer.onnx and t5vh_lookup.onnx (the draw, the
-    scorer's log-softmax and the embedding lookup CUDA runs) and load() hands them to the decoder; the CPU does not load them; an export made before one
-    existed loads without it, samples the same tokens and scores the same numbers."""
+    scorer's log-softmax and the embedding lookup CUDA runs; the CPU does not load them) and
+    t5vh_decoder_packed.onnx (scoring on the CPU), and load() hands them to the decoder; an export made
+    before one existed loads without it, samples the same tokens and scores the same numbers."""
     import shutil
 
     from t5vh_fast import policy as policy_module
@@ -139,13 +151,16 @@ def test_single_layout_carries_the_gpu_graphs_and_older_exports_work_without_the
     monkeypatch.setattr(
         policy_module,
         "open_decoder",
-        lambda *a, **kw: asked.append((kw.get("sampler"), kw.get("scorer"), kw.get("lookup"))) or opened(*a, **kw),
+        lambda *a, **kw: (
+            asked.append(tuple(kw.get(k) for k in ("sampler", "scorer", "lookup", "packed"))) or opened(*a, **kw)
+        ),
     )
 
     manifest = json.loads((tiny_export / MANIFEST_NAME).read_text())
     assert graph in manifest["layouts"]["single"] and graph in manifest["files"]
     policy = t5vh_fast.load(tiny_export, providers="cpu")
     assert not policy.decoder.samples_on_device and not policy.decoder.scores_on_device
+    assert policy.decoder.scores_packed
     old = tmp_path / "before-the-graph"
     shutil.copytree(tiny_export, old)
     (old / graph).unlink()
@@ -160,7 +175,8 @@ def test_single_layout_carries_the_gpu_graphs_and_older_exports_work_without_the
     scored = policy.score(ids, a.tokens, mask).logprobs
     assert np.abs(older.score(ids, a.tokens, mask).logprobs - scored).max() <= tol(scored)
     # listed: the decoder may use it on CUDA; not listed: never read
-    assert asked == [(True, True, True), tuple(graph != name for name in (SAMPLER_GRAPH, SCORER_GRAPH, LOOKUP_GRAPH))]
+    assert older.decoder.scores_packed == (graph != PACKED_GRAPH)
+    assert asked == [(True,) * 4, tuple(graph != name for name in NEWER_GRAPHS)]
 
 
 def test_optimum_loads_the_export_and_greedy_tokens_match(tiny_export, reference):

@@ -478,7 +478,8 @@ def test_cpu_failures_and_bugs_keep_their_own_exceptions():
 
 def test_a_failure_while_sampling_on_the_gpu_is_one_provider_error(tiny_export):
     policy = t5vh_fast.load(tiny_export, providers="cpu")
-    policy.decoder.providers = [CUDA, CPU]  # as if it ran on CUDA
+    policy.decoder.providers = [CUDA, CPU]  # as if it ran on CUDA (where score() takes decoder steps)
+    policy.decoder._packed = None
 
     def step(state, tokens, select=None):
         raise ort_state.Fail("[ONNXRuntimeError] : 1 : FAIL : CUDA failure 2: out of memory")

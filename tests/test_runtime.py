@@ -399,6 +399,7 @@ LAYOUT_FILES = {
         "t5vh_sampler.onnx",  # read on CUDA only; an export without it (older) samples on the host
         "t5vh_scorer.onnx",  # the same for the scorer's log-softmax
         "t5vh_lookup.onnx",  # and for the embedding lookup
+        "t5vh_decoder_packed.onnx",  # scoring on the CPU; its weights are t5vh_decoder.onnx.data's
     ],
     "split": [
         "encoder_model.onnx",
@@ -485,11 +486,12 @@ def test_load_refuses_any_file_of_its_layout_the_manifest_does_not_vouch_for(
         ):
             manifest_path.write_text(json.dumps(listing))
             for verify in (True, False):
-                gpu_graphs = ("t5vh_sampler.onnx", "t5vh_scorer.onnx", "t5vh_lookup.onnx")
-                if name in gpu_graphs and name not in listing["layouts"]["single"]:
+                newer = ("t5vh_sampler.onnx", "t5vh_scorer.onnx", "t5vh_lookup.onnx", "t5vh_decoder_packed.onnx")
+                if name in newer and name not in listing["layouts"]["single"]:
                     # an export made before that graph: the file is ignored, not read
                     policy = t5vh_fast.load(export_copy, providers="cpu", decoder=layout, verify=verify)
                     assert not policy.decoder.samples_on_device and not policy.decoder.scores_on_device
+                    assert policy.decoder.scores_packed == (name != "t5vh_decoder_packed.onnx")
                     continue
                 with pytest.raises(ExportError, match=f"{name} is not listed in {MANIFEST_NAME}"):
                     t5vh_fast.load(export_copy, decoder=layout, verify=verify)

@@ -61,6 +61,7 @@ def test_rows_of_similar_length_are_scored_together(policy, reference, monkeypat
         return step(state, tokens, select)
 
     monkeypatch.setattr(policy.decoder, "step", counting_step)
+    monkeypatch.setattr(policy.decoder, "_packed", None, raising=False)  # the groups, not the packed decoder
     monkeypatch.setattr(scoring, "CALL_COST", 0)
     grouped = policy.score(ids, responses, mask, resp_mask)
     lengths = scoring.scored_lengths(resp_mask)
@@ -585,6 +586,7 @@ def _with_device_scoring(export_dir):
 
     policy = t5vh_fast.load(export_dir, providers="cpu")
     policy.decoder._scorer = ort.InferenceSession(str(export_dir / SCORER_GRAPH), providers=["CPUExecutionProvider"])
+    policy.decoder._packed = None  # CUDA has no packed decoder
     assert policy.decoder.scores_on_device
     return policy
 
@@ -676,6 +678,7 @@ def test_the_device_lookup_path_gives_the_host_numbers(tiny_export, monkeypatch)
             session.run_with_iobinding(binding)
 
     device.decoder._lookup = Counting()
+    device.decoder._packed = None  # CUDA has no packed decoder
     ids, mask = mixed_queries(16, 256, seed=38)  # > FEW_ROWS query tokens: the encoder's lookup takes the graph
     a, b = device.respond_to_batch(ids, mask, txt_len=6, seed=8), host.respond_to_batch(ids, mask, txt_len=6, seed=8)
     assert len(runs) == 1  # the encoder's; the steps' 16 rows each were read on the host
@@ -719,3 +722,109 @@ def test_the_scorer_graph_gives_its_memory_back_or_says_it_cannot(tiny_export):
         again = policy.score(ids, responses, mask, resp_mask)
     for scores in (got, again):
         assert np.abs(scores.logprobs - expected.logprobs).max() <= tol(expected.logprobs)
+
+
+# ---------------------------------------------------------------------- the packed decoder (CPU)
+
+
+def _packed_calls(decoder, monkeypatch):
+    """Record, per packed_scores call, (positions run, positions scored); make any step() call fail."""
+    calls = []
+    packed_scores = decoder.packed_scores
+    embed = decoder.embed
+
+    def counting(state, tokens, lengths, real):
+        calls.append([0, len(real)])
+        return packed_scores(state, tokens, lengths, real)
+
+    def counting_embed(ids, out=None):
+        if calls and calls[-1][0] == 0:
+            calls[-1][0] = np.size(ids)  # the packed call's embeddings: the positions it runs
+        return embed(ids, out)
+
+    def no_step(*args, **kwargs):
+        raise AssertionError("scoring took a decoder step where the packed decoder was there")
+
+    monkeypatch.setattr(decoder, "packed_scores", counting)
+    monkeypatch.setattr(decoder, "embed", counting_embed)
+    monkeypatch.setattr(decoder, "step", no_step)
+    return calls
+
+
+@pytest.mark.parametrize("num_samples", [1, 3])
+def test_the_packed_decoder_scores_what_the_steps_and_pytorch_do(tiny_export, reference, monkeypatch, num_samples):
+    """On the CPU score() runs t5vh_decoder_packed.onnx: one call per batch, each row's positions up to its
+    last scored one and no padding, and the numbers of the decoder graph's steps (one padded call and
+    length groups) and of PyTorch, holes in the masks and several samples per query included."""
+    policy = t5vh_fast.load(tiny_export, providers="cpu")
+    decoder = policy.decoder
+    assert decoder.scores_packed
+    ids, mask = mixed_queries(4, 256, seed=38)
+    rng = np.random.default_rng(38)
+    rows = 4 * num_samples
+    responses, resp_mask = t5vh_fast.pad_batch([list(rng.integers(2, 256, size=n)) for n in rng.integers(1, 14, rows)])
+    resp_mask[1, 0] = 0  # a hole: position 0 unscored, later ones scored
+    resp_mask[2, 1:] = 0  # only the first position scored
+    calls = _packed_calls(decoder, monkeypatch)
+    packed = policy.score(ids, responses, mask, resp_mask)
+    lengths = scoring.scored_lengths(resp_mask)
+    assert calls == [[lengths.sum(), resp_mask.sum()]] and lengths.sum() < responses.size
+    monkeypatch.undo()
+    queries = np.repeat(ids, num_samples, axis=0), np.repeat(mask, num_samples, axis=0)
+    ref = reference.score(queries[0], responses, queries[1], resp_mask)
+    logits = teacher_forced(reference, queries[0], queries[1], responses).logits.numpy()
+    for by_length in (False, True):
+        steps = scoring.score(
+            decoder,
+            ids,
+            mask,
+            responses,
+            resp_mask,
+            decoder_start_token_id=0,
+            num_samples=num_samples,
+            by_length=by_length,
+        )
+        for name, bound in (("logprobs", tol(logits)), ("values", tol(ref.values)), ("entropy", tol(logits))):
+            ours = getattr(packed, name)
+            assert np.abs(ours - getattr(steps, name)).max() <= bound
+            assert np.abs(ours - getattr(ref, name).numpy()).max() <= bound
+            assert (ours[resp_mask == 0] == 0).all() and (ours[resp_mask == 1] != 0).all()
+
+
+def test_decoder_sessions_start_at_their_first_use(tiny_export, perturbed_dir, perturbed_export, monkeypatch):
+    """On the CPU load() starts the encoder only: scoring starts the packed decoder alone, sampling the
+    decoder alone. A refresh builds again what has started; a sampling decoder not yet started starts on
+    the new weights; a packed decoder not yet started is dropped (score() then takes decoder steps): every
+    way, the numbers are those of an export of the new weights."""
+    from t5vh_fast.checkpoint import load_reference
+
+    ids, mask = mixed_queries(3, 256, seed=39)
+    responses, resp_mask = t5vh_fast.pad_batch([[5, 6, 7], [8, 9], [10, 11, 12, 13]])
+    fresh = t5vh_fast.load(perturbed_export, providers="cpu")
+    want = fresh.score(ids, responses, mask, resp_mask)
+    rollout = fresh.respond_to_batch(ids, mask, txt_len=4, seed=1)
+    moved = load_reference(perturbed_dir)
+
+    def started(policy):
+        return policy.decoder.graphs[1].started, policy.decoder.scores_packed and policy.decoder._packed.started
+
+    scorer = t5vh_fast.load(tiny_export, providers="cpu")
+    assert started(scorer) == (False, False)
+    scorer.score(ids, responses, mask, resp_mask)
+    assert started(scorer) == (False, True)
+    scorer.update_weights(moved)
+    assert started(scorer) == (False, True)  # rebuilt at once; the sampling decoder still waits
+    assert np.abs(scorer.score(ids, responses, mask, resp_mask).logprobs - want.logprobs).max() <= tol(want.logprobs)
+    again = scorer.respond_to_batch(ids, mask, txt_len=4, seed=1)
+    assert started(scorer) == (True, True)
+    np.testing.assert_array_equal(again.tokens, rollout.tokens)
+    assert np.abs(again.logprobs - rollout.logprobs).max() <= tol(rollout.logprobs)
+
+    sampler = t5vh_fast.load(tiny_export, providers="cpu")
+    sampler.respond_to_batch(ids, mask, txt_len=2, seed=0)
+    assert started(sampler) == (True, False)
+    sampler.update_weights(moved)
+    assert sampler.decoder.graphs[1].started and not sampler.decoder.scores_packed  # dropped, not kept
+    got = sampler.score(ids, responses, mask, resp_mask)
+    for name in ("logprobs", "values", "entropy"):
+        assert np.abs(getattr(got, name) - getattr(want, name)).max() <= tol(getattr(want, name))

@@ -2,7 +2,8 @@
 
 Inputs are seeded: a batch of right-padded queries of different lengths and a
 few decoder tokens, run teacher-forced through the first-step graph and step
-by step through the KV cache. Tolerance (docs/contract.md, "Parity, defined"):
+by step through the KV cache (and, for the single layout, teacher-forced rows
+of different lengths through the packed scoring decoder). Tolerance (docs/contract.md, "Parity, defined"):
 ``1e-4 * max(1, max |reference|)`` per tensor compared.
 """
 
@@ -14,7 +15,15 @@ import numpy as np
 import torch
 
 from ..decoder import open_decoder
-from ..manifest import DECODER, DECODER_GRAPH, DECODER_MERGED, DECODER_WITH_PAST, ENCODER, ENCODER_GRAPH
+from ..manifest import (
+    DECODER,
+    DECODER_GRAPH,
+    DECODER_MERGED,
+    DECODER_WITH_PAST,
+    ENCODER,
+    ENCODER_GRAPH,
+    PACKED_GRAPH,
+)
 
 TOLERANCE = "1e-4 * max(1, max|reference|)"
 
@@ -73,7 +82,16 @@ def check_export(model, root: Path, *, layouts=("single", "split", "merged"), se
         encoder_graph, first, later = LAYOUT_GRAPHS[layout]
         for graph in (encoder_graph, first, later):
             report.setdefault(graph, {})
-        decoder = open_decoder(root, layout, providers="cpu")
+        packed = layout == "single" and (root / PACKED_GRAPH).is_file()
+        decoder = open_decoder(root, layout, providers="cpu", **({"packed": True} if packed else {}))
+        if packed:  # teacher-forced rows of different lengths, padding removed (what scoring does on the CPU)
+            report.setdefault(PACKED_GRAPH, {})
+            lengths = np.maximum(steps - np.arange(batch), 1)
+            real = np.flatnonzero(np.arange(steps)[None, :] < lengths[:, None])
+            state = decoder.encode(ids, mask, capacity=None)
+            logits, values = decoder.packed_scores(state, decoder_ids, lengths, real)
+            _compare("logits", logits, ref_logits.reshape(batch * steps, -1)[real], report[PACKED_GRAPH])
+            _compare("values", values, ref_values.reshape(-1)[real], report[PACKED_GRAPH])
         state = decoder.encode(ids, mask, capacity=steps)
         if layout == "single":
             for name, value, reference in zip(

@@ -316,6 +316,65 @@ def decoder_graph(spec: ModelSpec, weights: Dict[str, np.ndarray]) -> Builder:
     return b
 
 
+def packed_decoder_graph(spec: ModelSpec, weights: Dict[str, np.ndarray]) -> Builder:
+    """The decoder for teacher-forced scoring: the decoder graph's numbers for ragged rows, without their
+    padding in the position-wise layers and without a KV cache.
+
+    Inputs: ``inputs_embeds`` (P x d) for the P ``active`` positions (flat indices into the R x T grid
+    ``grid`` = (R, T), each row's positions up to its last scored one), ``position_bias`` (1 x H x T x T,
+    causal), ``encoder_mask`` and the cross K/V as in the decoder graph, and ``select`` (M indices into
+    the P positions). Outputs ``logits`` (M x V) and ``value`` (M). Only attention sees the grid: q, k, v
+    are scattered into it (zeros elsewhere, which causality hides from every active position) and the
+    result gathered back; the projections, norms and feed-forward layers run on the P positions.
+    Its weights are the decoder graph's, read from that graph's ``.data`` file (``save_beside``).
+    """
+    b = Builder("t5vh_decoder_packed", weights, spec)
+    H, dkv, inner = spec.num_heads, spec.d_kv, spec.inner
+    x = b.input("inputs_embeds", TensorProto.FLOAT, ["positions", spec.d_model])
+    active = b.input("active", TensorProto.INT64, ["positions"])
+    grid = b.input("grid", TensorProto.INT64, [2])
+    bias = b.input("position_bias", TensorProto.FLOAT, [1, H, "steps", "steps"])
+    enc_mask = b.input("encoder_mask", TensorProto.INT32, ["batch", "seq"])
+    cross = []
+    for i in range(spec.decoder_layers):
+        kind = _COMPUTE_TYPES[b.types[f"decoder.{i}.cross"]]
+        cross.append(tuple(b.input(f"cross_{name}.{i}", kind, ["batch", H, "seq", dkv]) for name in ("key", "value")))
+    select = b.input("select", TensorProto.INT64, ["picked"])
+    indices = b.node("Unsqueeze", [active, b.const([1])])
+    flat = b.node("Concat", [b.node("ReduceProd", [grid], keepdims=1), b.const([inner])], axis=0)
+    padded = b.node("Concat", [grid, b.const([inner])], axis=0)
+    group_shape = b.node("Concat", [b.node("Shape", [enc_mask], start=0, end=1), b.const([-1, inner])], axis=0)
+
+    def spread(t: str) -> str:  # P x inner -> R x T x inner, zeros at the inactive positions
+        zeros = b.node("ConstantOfShape", [flat], value=numpy_helper.from_array(np.zeros(1, np.float32)))
+        return b.node("Reshape", [b.node("ScatterND", [zeros, indices, t]), padded])
+
+    def gather(t: str) -> str:  # R x T x inner -> P x inner
+        return b.node("Gather", [b.node("Reshape", [t, b.const([-1, inner])]), active], axis=0)
+
+    for i in range(spec.decoder_layers):
+        p = f"decoder.{i}"
+        kind = b.types[f"{p}.self"]
+        h = b.cast(b.norm(x, f"{p}.self_norm"), kind)
+        q, k, v = (spread(b.to_fp32(b.linear(h, f"{p}.self_{w}"), kind)) for w in ("q", "k", "v"))
+        a = gather(b.attention(q, k, v, attention_bias=bias))
+        x = b.node("Add", [x, b.to_fp32(b.linear(b.cast(a, kind), f"{p}.self_o"), kind)])
+        kind = b.types[f"{p}.cross"]
+        q = b.linear(b.cast(b.norm(x, f"{p}.cross_norm"), kind), f"{p}.cross_q")
+        grouped = b.node("Reshape", [spread(b.to_fp32(q, kind)), group_shape])
+        a = gather(b.attention(b.cast(grouped, kind), cross[i][0], cross[i][1], key_padding_mask=enc_mask))
+        x = b.node("Add", [x, b.to_fp32(b.linear(a, f"{p}.cross_o"), kind)])
+        x = b.feed_forward(x, p)
+    hidden = b.norm(x, "decoder.final_norm")
+    picked = b.node("Gather", [hidden, select], axis=0)
+    kind = b.types["lm_head"]
+    logits = b.to_fp32(b.linear(b.cast(picked, kind), "lm_head", rows="picked"), kind)
+    b.output(logits, "logits", TensorProto.FLOAT, ["picked", spec.vocab_size])
+    value = b.node("Add", [b.node("MatMul", [picked, b.weight("value_weight")]), b.weight("value_bias")])
+    b.output(b.node("Squeeze", [value, b.const([1])]), "value", TensorProto.FLOAT, ["picked"])
+    return b
+
+
 def save(builder: Builder, path: Path) -> List[str]:
     """Write ``path`` (the graph) and ``path.data`` (its weights); returns the two file names."""
     model = builder.model()
@@ -336,3 +395,16 @@ def save(builder: Builder, path: Path) -> List[str]:
             offset += len(raw)
     onnx.save(model, str(path))
     return [path.name, data_name]
+
+
+def save_beside(builder: Builder, path: Path, graph: Path) -> List[str]:
+    """Write ``path``, a graph whose weights are all stored in ``graph``'s ``.data`` file already (the
+    same tensors under the same names); returns the one file name."""
+    stored = onnx.load(str(graph), load_external_data=False).graph.initializer
+    places = {t.name: t.external_data for t in stored if t.data_location == TensorProto.EXTERNAL}
+    model = builder.model()
+    for tensor in model.graph.initializer:
+        if tensor.data_location == TensorProto.EXTERNAL:
+            tensor.external_data.extend(places[tensor.name])
+    onnx.save(model, str(path))
+    return [path.name]
