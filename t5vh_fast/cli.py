@@ -400,8 +400,10 @@ def score_command(
         from . import load
         from .job import default_errors_path, run_job
 
-        policy = load(export_dir, providers=providers, threads=threads)
-        ref_policy = load(ref_dir, providers=providers, threads=threads) if ref_dir is not None else None
+        policy = load(export_dir, providers=providers, threads=threads, for_scoring=True)
+        ref_policy = (
+            load(ref_dir, providers=providers, threads=threads, for_scoring=True) if ref_dir is not None else None
+        )
         output_path = None if output == "-" else Path(output)
         errors_at = default_errors_path(output_path) if errors_path is None else errors_path
         errors_file = None if errors_at in (None, "-") else Path(errors_at)

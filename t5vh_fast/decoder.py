@@ -209,7 +209,6 @@ class OnnxDecoder(ABC):
             cuda=self.cuda,
             tensorrt=self.tensorrt,
             initializers=initializers,
-            spin=name not in (ENCODER, ENCODER_GRAPH),  # the encoder runs once per batch: its threads sleep
         )
 
     def with_weights(self, arrays: Dict[str, Dict[str, np.ndarray]]) -> OnnxDecoder:
@@ -368,16 +367,19 @@ class SingleDecoder(OnnxDecoder):
         scorer: bool = False,
         lookup: bool = False,
         packed: bool = False,
+        lazy_decoder: bool = False,
         **kwargs,
     ):
         """``sampler`` / ``scorer`` / ``lookup``: the export lists ``t5vh_sampler.onnx`` /
         ``t5vh_scorer.onnx`` / ``t5vh_lookup.onnx``; on CUDA unfiltered draws / the scorer's log-softmax /
         large embedding lookups then run on the device. ``packed``: it lists ``t5vh_decoder_packed.onnx``,
-        which scores on the CPU (``packed_scores``).
-
-        On the CPU the decoder sessions start at their first use: the sampling decoder at the first
-        step, the packed one at the first ``packed_scores``; a process that only scores (or only
-        samples) never holds the other's weights. On CUDA the decoder starts at once."""
+        which scores on the CPU (``packed_scores``; its session starts at the first call, so a process
+        that only samples never holds its weights). ``lazy_decoder`` (the CPU only): the sampling
+        decoder's session, too, starts at its first step, so a process that only scores never holds
+        its weights. Started at load, it is built first: its weights are the largest, and a session
+        briefly holds its weights twice while it starts (peak RSS at batch 1: 308 MB built first, 357
+        built after the encoder)."""
+        self._lazy_decoder = lazy_decoder
         super().__init__(root, **kwargs)
         self.host = load_host_tables(self.root)
         cross_keys = [o for o in self.graphs[0].session.get_outputs() if o.name.startswith("cross_key.")]
@@ -407,7 +409,7 @@ class SingleDecoder(OnnxDecoder):
             self.host["embedding"].keep_in_memory()
 
     def _sessions(self, provider_list: List[str]) -> List[Optional[ort.InferenceSession]]:
-        if provider_list[0] != CPU:
+        if not self._lazy_decoder or provider_list[0] != CPU:
             return super()._sessions(provider_list)
         return [self._session(ENCODER_GRAPH, provider_list), None]  # the decoder starts at its first step
 
@@ -457,10 +459,10 @@ class SingleDecoder(OnnxDecoder):
     def with_weights(self, arrays):
         """As ``OnnxDecoder.with_weights``; ``arrays["host"]`` replaces the NumPy tables.
 
-        A session that has started is built again at once. The sampling decoder, if it has not, starts
+        A session that has started is built again at once. A lazy sampling decoder that has not starts
         on the new weights at its first step (keeping them until then); the packed decoder, if it has
         not, is dropped: a process that refreshes weights before it ever scores (a rollout worker)
-        would otherwise keep the decoder's weights for it, and ``score`` runs without it as before."""
+        would otherwise keep the decoder's weights for it, and ``score`` takes decoder steps instead."""
         new = copy.copy(self)
         new.graphs = [
             self._lazy(name, arrays.get(name))

@@ -369,6 +369,7 @@ def load(
     verify: bool = True,
     cuda: Optional[CudaOptions] = None,
     tensorrt: Optional[TensorrtOptions] = None,
+    for_scoring: bool = False,
 ) -> OnnxPolicy:
     """Load an export made by ``t5vh-export``.
 
@@ -383,6 +384,10 @@ def load(
     ``CudaOptions`` (device, TF32, memory arena) for CUDA and TensorRT;
     ``tensorrt``: ``TensorrtOptions`` (shape profiles, engine cache,
     fp16/bf16). A GPU provider that fails raises ``ProviderError`` naming it.
+    ``for_scoring``: a process that scores and does not sample (a scoring job):
+    on the CPU the sampling decoder then starts only if ``respond_to_batch`` is
+    called, so only the packed scoring decoder holds the decoder's weights (on
+    the CPU ``score()`` runs that graph, started at its first call).
     Raises ``PathNotFound`` or ``ExportError`` naming what is wrong.
     """
     root = Path(export_dir).expanduser()
@@ -400,5 +405,7 @@ def load(
     _check_precision_runs(precision, providers, cuda)
     graphs = {"sampler": SAMPLER_GRAPH, "scorer": SCORER_GRAPH, "lookup": LOOKUP_GRAPH, "packed": PACKED_GRAPH}
     options = {option: name in needed for option, name in graphs.items()} if layout == "single" else {}
+    if layout == "single":
+        options["lazy_decoder"] = bool(for_scoring) and options["packed"]
     opened = open_decoder(root, layout, providers=providers, threads=threads, cuda=cuda, tensorrt=tensorrt, **options)
     return OnnxPolicy(root, manifest, opened)

@@ -310,7 +310,7 @@ class _Worker:
 
 class _Scorer(_Worker):
     def __init__(self, export_dir, ref_dir, load_options: dict, options: dict, done, later):
-        super().__init__(export_dir, ref_dir, load_options)
+        super().__init__(export_dir, ref_dir, {**load_options, "for_scoring": True})
         self.options, self.done, self.later = options, done, later
 
     def run(self, table):

@@ -140,24 +140,30 @@ def test_provider_entries_carry_every_setting(tiny_export, tmp_path):
     assert bf16[0][1]["trt_bf16_enable"] == "True"
 
 
-SPINNING = "session.intra_op.allow_spinning"
+def test_no_sessions_threads_spin_after_its_run(policy):
+    """Each session owns a thread pool; a pool that spins after its run steals the cores whatever runs next
+    needs (the host's draw, the other session). Every session's threads spin only inside a run, and stop
+    when it returns; after an update_weights too."""
+    ids, responses = [[5, 6, 1]], [[7, 8]]
 
-
-def test_only_the_encoders_threads_sleep_after_a_run(policy):
-    """Each session owns a thread pool; a pool that spins after its run steals the cores the other
-    session's next run needs. The encoder runs once per batch: its threads sleep. The decoder runs
-    step after step: its threads spin (and after an update_weights too)."""
-
-    def spinning(graph) -> bool:
+    def stops(graph) -> bool:
+        options = graph.session.get_session_options()
         try:
-            return graph.session.get_session_options().get_session_config_entry(SPINNING) != "0"
+            spinning = options.get_session_config_entry("session.intra_op.allow_spinning") != "0"
         except RuntimeError:  # not set: onnxruntime's default, spinning
-            return True
+            spinning = True
+        return spinning and options.get_session_config_entry("session.force_spinning_stop") == "1"
 
-    encoder, *decoders = policy.decoder.graphs
-    assert not spinning(encoder) and all(spinning(g) for g in decoders)
-    encoder, *decoders = policy.decoder.with_weights({}).graphs
-    assert not spinning(encoder) and all(spinning(g) for g in decoders)
+    loaded = policy.decoder
+    try:
+        for decoder in (loaded, loaded.with_weights({})):
+            policy.decoder = decoder
+            policy.score(ids, responses)  # the packed decoder starts
+            policy.respond_to_batch(ids, txt_len=2, seed=0)
+            graphs = [*decoder.graphs, *([decoder._packed] if getattr(decoder, "scores_packed", False) else [])]
+            assert len(graphs) >= 2 and all(stops(g) for g in graphs)
+    finally:
+        policy.decoder = loaded
 
 
 # ---------------------------------------------------------------------- TensorRT profiles and cache

@@ -791,11 +791,11 @@ def test_the_packed_decoder_scores_what_the_steps_and_pytorch_do(tiny_export, re
             assert (ours[resp_mask == 0] == 0).all() and (ours[resp_mask == 1] != 0).all()
 
 
-def test_decoder_sessions_start_at_their_first_use(tiny_export, perturbed_dir, perturbed_export, monkeypatch):
-    """On the CPU load() starts the encoder only: scoring starts the packed decoder alone, sampling the
-    decoder alone. A refresh builds again what has started; a sampling decoder not yet started starts on
-    the new weights; a packed decoder not yet started is dropped (score() then takes decoder steps): every
-    way, the numbers are those of an export of the new weights."""
+def test_decoder_sessions_start_when_needed(tiny_export, perturbed_dir, perturbed_export):
+    """On the CPU load() starts the encoder and the sampling decoder (for_scoring=True: the encoder only);
+    the packed decoder starts at the first score(). A refresh builds again what has started; a lazy
+    sampling decoder not yet started starts on the new weights; a packed decoder not yet started is
+    dropped (score() then takes decoder steps): every way, the numbers are an export of the new weights'."""
     from t5vh_fast.checkpoint import load_reference
 
     ids, mask = mixed_queries(3, 256, seed=39)
@@ -808,7 +808,12 @@ def test_decoder_sessions_start_at_their_first_use(tiny_export, perturbed_dir, p
     def started(policy):
         return policy.decoder.graphs[1].started, policy.decoder.scores_packed and policy.decoder._packed.started
 
-    scorer = t5vh_fast.load(tiny_export, providers="cpu")
+    learner = t5vh_fast.load(tiny_export, providers="cpu")
+    assert started(learner) == (True, False)
+    learner.score(ids, responses, mask, resp_mask)
+    assert started(learner) == (True, True)
+
+    scorer = t5vh_fast.load(tiny_export, providers="cpu", for_scoring=True)
     assert started(scorer) == (False, False)
     scorer.score(ids, responses, mask, resp_mask)
     assert started(scorer) == (False, True)

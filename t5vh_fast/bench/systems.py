@@ -97,16 +97,17 @@ class StepClock:
         return [b - a for a, b in zip(marks[:-1], marks[1:])]
 
 
-def _policy(system: str, spec: dict):
+def _policy(system: str, spec: dict, *, for_scoring: bool = False):
     import t5vh_fast
 
     if system == "t5vh-int8":
-        return t5vh_fast.load(spec["int8_dir"], providers="cpu", threads=spec["threads"])
+        return t5vh_fast.load(spec["int8_dir"], providers="cpu", threads=spec["threads"], for_scoring=for_scoring)
     return t5vh_fast.load(
         spec["export_dir"],
         providers="cuda" if system == "t5vh-cuda" else "cpu",
         threads=spec["threads"],
         decoder="split" if system == "t5vh-split" else None,
+        for_scoring=for_scoring,
     )
 
 
@@ -211,7 +212,7 @@ def scorer(system: str, spec: dict):
     from ..inputs import pad_batch
 
     if system.startswith("t5vh"):
-        policy = _policy(system, spec)
+        policy = _policy(system, spec, for_scoring=True)  # as t5vh-score loads it
 
         def score(batch):
             ids, mask = pad_batch([q for q, _ in batch])
