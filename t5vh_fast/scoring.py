@@ -28,11 +28,14 @@ def score(
     by_length: Optional[bool] = None,
 ) -> Scores:
     """Score checked R x T ``responses`` for checked B x S queries (R = B x num_samples, query-major):
-    one encoder call per query, then decoder calls over rows of similar length.
+    one encoder call per query, then the decoder.
 
     Only the responses' real (unmasked) positions reach the LM head and the
-    log-softmax; the rest of each R x T result is 0. With ``by_length`` (the
-    default on the CPU) the rows are cut into groups of similar scored length
+    log-softmax; the rest of each R x T result is 0. Where the decoder has the
+    packed graph (the CPU, an export that has it) and ``by_length`` is not
+    given, the batch is one call of it (``packed_scores``): each row's
+    positions up to its last scored one, without padding. Otherwise, with
+    ``by_length`` (the default on the CPU) the rows are cut into groups of similar scored length
     (``length_groups``) and each group runs only as many positions as its
     longest row: attention is causal, so the positions after a row's last
     scored one change nothing, and a batch of ragged responses no longer pays

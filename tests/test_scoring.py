@@ -833,3 +833,24 @@ def test_decoder_sessions_start_when_needed(tiny_export, perturbed_dir, perturbe
     got = sampler.score(ids, responses, mask, resp_mask)
     for name in ("logprobs", "values", "entropy"):
         assert np.abs(getattr(got, name) - getattr(want, name)).max() <= tol(getattr(want, name))
+
+
+def test_the_scoring_job_never_starts_the_sampling_decoder(tmp_path, tiny_export, policy, monkeypatch):
+    """t5vh-score loads its policy and reference for scoring: on the CPU only the encoder and the packed
+    decoder ever start, so the job holds the decoder's weights once."""
+    loaded = []
+    real_load = t5vh_fast.load
+
+    def recording_load(*args, **kwargs):
+        loaded.append((kwargs.get("for_scoring"), real_load(*args, **kwargs)))
+        return loaded[-1][1]
+
+    monkeypatch.setattr(t5vh_fast, "load", recording_load)
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in _rows(policy)[0]))
+    args = [str(tiny_export), str(src), "-o", str(out), "--ref", str(tiny_export), "--providers", "cpu"]
+    result = CliRunner().invoke(score_command, args)
+    assert result.exit_code == 0, result.output
+    assert len(loaded) == 2 and all(for_scoring for for_scoring, _ in loaded)
+    for _, scored in loaded:
+        assert not scored.decoder.graphs[1].started and scored.decoder._packed.started

@@ -20,6 +20,9 @@ samples of a group. The post-export check holds it to the PyTorch model.
   the same buffers with the T new positions written at P (the runtime binds
   them in place, so the cache is never copied). One graph for every step: the
   first step runs it with P = 0, scoring with T tokens at once.
+- ``t5vh_decoder_packed.onnx``: the decoder for scoring on the CPU, run on each
+  row's real positions only, without a KV cache (``packed_decoder_graph``); its
+  weights are those of ``t5vh_decoder.onnx.data``.
 
 Weights live in ``<graph>.data`` beside each graph (onnxruntime memory-maps
 them); the embedding and the relative-position tables stay in NumPy files the

@@ -1,4 +1,4 @@
-"""Write the ``single`` layout of a model: two graphs with their weights, and the host tables."""
+"""Write the ``single`` layout of a model: its graphs with their weights, and the host tables."""
 
 from __future__ import annotations
 
