@@ -769,6 +769,11 @@ def test_the_packed_decoder_scores_what_the_steps_and_pytorch_do(tiny_export, re
     packed = policy.score(ids, responses, mask, resp_mask)
     lengths = scoring.scored_lengths(resp_mask)
     assert calls == [[lengths.sum(), resp_mask.sum()]] and lengths.sum() < responses.size
+    empty = resp_mask.copy()
+    empty[3] = 0  # a row with nothing to score (score() refuses it; the scorer must still cope): zeros, no work
+    direct = scoring.score(decoder, ids, mask, responses, empty, decoder_start_token_id=0, num_samples=num_samples)
+    assert calls[-1] == [scoring.scored_lengths(empty).sum(), empty.sum()] and (direct.logprobs[3] == 0).all()
+    assert np.abs(direct.logprobs - packed.logprobs * empty).max() <= tol(packed.logprobs)
     monkeypatch.undo()
     queries = np.repeat(ids, num_samples, axis=0), np.repeat(mask, num_samples, axis=0)
     ref = reference.score(queries[0], responses, queries[1], resp_mask)

@@ -204,6 +204,16 @@ class Builder:
             scale=1.0,
         )
 
+    def heads_at(self, picked: str) -> None:
+        """The outputs ``logits`` (M x V, the LM head) and ``value`` (M) of the M ``picked`` hidden states."""
+        kind = self.types["lm_head"]
+        logits = self.to_fp32(self.linear(self.cast(picked, kind), "lm_head", rows="picked"), kind)
+        self.output(logits, "logits", TensorProto.FLOAT, ["picked", self.spec.vocab_size])
+        value = self.node(
+            "Add", [self.node("MatMul", [picked, self.weight("value_weight")]), self.weight("value_bias")]
+        )
+        self.output(self.node("Squeeze", [value, self.const([1])]), "value", TensorProto.FLOAT, ["picked"])
+
     def heads(self, x: str) -> str:
         """(B, L, H*d) -> (B, H, L, d)."""
         shaped = self.node("Reshape", [x, self.const([0, -1, self.spec.num_heads, self.spec.d_kv])])
@@ -311,11 +321,7 @@ def decoder_graph(spec: ModelSpec, weights: Dict[str, np.ndarray]) -> Builder:
     hidden = b.norm(x, "decoder.final_norm")
     flat = b.node("Reshape", [hidden, b.const([-1, spec.d_model])])
     picked = b.node("Gather", [flat, select], axis=0)
-    kind = b.types["lm_head"]
-    logits = b.to_fp32(b.linear(b.cast(picked, kind), "lm_head", rows="picked"), kind)
-    b.output(logits, "logits", TensorProto.FLOAT, ["picked", spec.vocab_size])
-    value = b.node("Add", [b.node("MatMul", [picked, b.weight("value_weight")]), b.weight("value_bias")])
-    b.output(b.node("Squeeze", [value, b.const([1])]), "value", TensorProto.FLOAT, ["picked"])
+    b.heads_at(picked)
     return b
 
 
@@ -370,11 +376,7 @@ def packed_decoder_graph(spec: ModelSpec, weights: Dict[str, np.ndarray]) -> Bui
         x = b.feed_forward(x, p)
     hidden = b.norm(x, "decoder.final_norm")
     picked = b.node("Gather", [hidden, select], axis=0)
-    kind = b.types["lm_head"]
-    logits = b.to_fp32(b.linear(b.cast(picked, kind), "lm_head", rows="picked"), kind)
-    b.output(logits, "logits", TensorProto.FLOAT, ["picked", spec.vocab_size])
-    value = b.node("Add", [b.node("MatMul", [picked, b.weight("value_weight")]), b.weight("value_bias")])
-    b.output(b.node("Squeeze", [value, b.const([1])]), "value", TensorProto.FLOAT, ["picked"])
+    b.heads_at(picked)
     return b
 
 
