@@ -522,7 +522,8 @@ class SingleDecoder(OnnxDecoder):
         query = rows // (state.rows // state.encoder_mask.shape()[0])
         cross = [self.to_device(value.numpy()[query]) for value in state.cross_kv]
         mask = self.to_device(state.encoder_mask.numpy()[query])
-        return DecoderState(self._cache(len(rows), capacity), cross, None, mask, len(rows), 0, capacity)
+        cache = [] if capacity is None else self._cache(len(rows), capacity)  # None: for packed_scores
+        return DecoderState(cache, cross, None, mask, len(rows), 0, capacity or 0)
 
     def step(self, state, tokens, select=None, *, logits_on_device: bool = False):
         rows, steps = tokens.shape
@@ -609,6 +610,11 @@ class SingleDecoder(OnnxDecoder):
             self._scorer.run_with_iobinding(binding)
         logprobs, entropy = binding.copy_outputs_to_cpu()
         return logprobs, values, entropy
+
+    @property
+    def packed_vocab(self) -> int:
+        """The width of the logits ``packed_scores`` returns per position."""
+        return self._vocab
 
     @property
     def scores_packed(self) -> bool:

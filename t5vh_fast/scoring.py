@@ -51,14 +51,15 @@ def score(
     lengths = scored_lengths(response_mask)
     out = np.zeros((3, batch * length), dtype=np.float32)  # log-probs, values, entropy
     if by_length is None and getattr(decoder, "scores_packed", False):  # the CPU: one call, no padding
-        if lengths.any():
-            state = decoder.encode(ids, mask, num_samples=num_samples, capacity=None)
-            steps = int(lengths.max())
-            real = np.flatnonzero(response_mask[:, :steps].reshape(-1))
-            logits, values = decoder.packed_scores(state, decoder_ids[:, :steps], lengths, real)
-            _host_scores(
-                out, logits, values, responses[:, :steps].reshape(-1)[real], real // steps * length + real % steps
-            )
+        chunks = logit_chunks(response_mask, decoder.packed_vocab) if lengths.any() else []
+        state = decoder.encode(ids, mask, num_samples=num_samples, capacity=None) if chunks else None
+        for rows in chunks:
+            part = state if len(rows) == batch else decoder.rows_of(state, rows, capacity=None)
+            steps = int(lengths[rows].max())
+            real = np.flatnonzero(response_mask[rows, :steps].reshape(-1))
+            logits, values = decoder.packed_scores(part, decoder_ids[rows, :steps], lengths[rows], real)
+            chosen = responses[rows, :steps].reshape(-1)[real]
+            _host_scores(out, logits, values, chosen, rows[real // steps] * length + real % steps)
         return _checked_scores(out, response_mask, precision, weights_version)
     if by_length is None:
         by_length = decoder.device == "cpu"
@@ -105,6 +106,26 @@ def _checked_scores(out: np.ndarray, response_mask: np.ndarray, precision: str, 
         precision=precision,
         weights_version=weights_version,
     )
+
+
+LOGITS_BUDGET = 256 * 2**20  # bytes of float32 logits one packed decoder call may return
+
+
+def logit_chunks(response_mask: np.ndarray, vocab_size: int, budget: Optional[int] = None) -> list:
+    """The rows, in order, cut into consecutive runs whose scored positions' logits (positions x V float32)
+    fit in ``budget`` bytes (``LOGITS_BUDGET``): one packed decoder call each, so a large ``score()`` call
+    holds a bounded logits block (a PPO batch of 256 x 128 tokens would be 4.2 GB at once at a
+    32k vocabulary). A row larger than the budget alone is a run of its own. One run when all fit."""
+    budget = LOGITS_BUDGET if budget is None else budget
+    per_row = (np.asarray(response_mask) != 0).sum(axis=1) * vocab_size * 4
+    chunks, start, size = [], 0, 0
+    for row, need in enumerate(per_row):
+        if size and size + need > budget:
+            chunks.append(np.arange(start, row))
+            start, size = row, 0
+        size += need
+    chunks.append(np.arange(start, len(per_row)))
+    return chunks
 
 
 def scored_lengths(response_mask: np.ndarray) -> np.ndarray:

@@ -774,6 +774,14 @@ def test_the_packed_decoder_scores_what_the_steps_and_pytorch_do(tiny_export, re
     direct = scoring.score(decoder, ids, mask, responses, empty, decoder_start_token_id=0, num_samples=num_samples)
     assert calls[-1] == [scoring.scored_lengths(empty).sum(), empty.sum()] and (direct.logprobs[3] == 0).all()
     assert np.abs(direct.logprobs - packed.logprobs * empty).max() <= tol(packed.logprobs)
+    # a call whose logits would pass the budget: consecutive runs of rows, one packed call each
+    monkeypatch.setattr(scoring, "LOGITS_BUDGET", 5 * 256 * 4)  # five positions' logits at this vocabulary
+    calls.clear()
+    chunked = policy.score(ids, responses, mask, resp_mask)
+    chunks = scoring.logit_chunks(resp_mask, 256)
+    assert len(calls) == len(chunks) > 2 and [c[1] for c in calls] == [resp_mask[c].sum() for c in chunks]
+    for name in ("logprobs", "values", "entropy"):
+        assert np.abs(getattr(chunked, name) - getattr(packed, name)).max() <= tol(getattr(packed, name))
     monkeypatch.undo()
     queries = np.repeat(ids, num_samples, axis=0), np.repeat(mask, num_samples, axis=0)
     ref = reference.score(queries[0], responses, queries[1], resp_mask)
@@ -859,3 +867,14 @@ def test_the_scoring_job_never_starts_the_sampling_decoder(tmp_path, tiny_export
     assert len(loaded) == 2 and all(for_scoring for for_scoring, _ in loaded)
     for _, scored in loaded:
         assert not scored.decoder.graphs[1].started and scored.decoder._packed.started
+
+
+def test_logit_chunks_bound_each_calls_logits():
+    """Consecutive runs of rows whose scored positions' logits fit the budget; a row over it alone; every
+    row once, in order; empty rows ride along."""
+    mask = np.zeros((7, 6), dtype=np.int64)
+    for row, n in enumerate([2, 3, 0, 6, 1, 1, 4]):
+        mask[row, :n] = 1
+    chunks = scoring.logit_chunks(mask, 10, budget=5 * 10 * 4)  # five positions per call
+    assert [c.tolist() for c in chunks] == [[0, 1, 2], [3], [4, 5], [6]]
+    assert [c.tolist() for c in scoring.logit_chunks(mask, 10, budget=10**9)] == [list(range(7))]
