@@ -878,3 +878,27 @@ def test_logit_chunks_bound_each_calls_logits():
     chunks = scoring.logit_chunks(mask, 10, budget=5 * 10 * 4)  # five positions per call
     assert [c.tolist() for c in chunks] == [[0, 1, 2], [3], [4, 5], [6]]
     assert [c.tolist() for c in scoring.logit_chunks(mask, 10, budget=10**9)] == [list(range(7))]
+
+
+def test_threads_scoring_at_once_get_their_own_numbers(tiny_export, perturbed_dir):
+    """The packed decoder's logits block is kept per thread: two threads scoring different batches on one
+    policy at once each get the numbers they get alone, before and after a weight refresh."""
+    import concurrent.futures
+
+    from t5vh_fast.checkpoint import load_reference
+
+    policy = t5vh_fast.load(tiny_export, providers="cpu")
+    rng = np.random.default_rng(40)
+    batches = []
+    for seed in range(4):
+        ids, mask = mixed_queries(5, 256, seed=40 + seed)
+        responses, resp_mask = t5vh_fast.pad_batch([list(rng.integers(2, 256, size=n)) for n in rng.integers(1, 12, 5)])
+        batches.append((ids, responses, mask, resp_mask))
+    for refresh in (False, True):
+        if refresh:
+            policy.update_weights(load_reference(perturbed_dir))
+        alone = [policy.score(*b).logprobs for b in batches]
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            together = list(pool.map(lambda b: policy.score(*b).logprobs, batches * 3))
+        for i, got in enumerate(together):
+            assert np.abs(got - alone[i % 4]).max() <= tol(alone[i % 4])
