@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
 import numbers
+import os
+import threading
 import warnings
 from typing import Optional
 
@@ -50,6 +53,7 @@ def score(
     )
     lengths = scored_lengths(response_mask)
     out = np.zeros((3, batch * length), dtype=np.float32)  # log-probs, values, entropy
+    threads = (getattr(decoder, "threads", None) or os.cpu_count() or 1) if decoder.device == "cpu" else 1
     if by_length is None and getattr(decoder, "scores_packed", False):  # the CPU: one call, no padding
         chunks = logit_chunks(response_mask, decoder.packed_vocab) if lengths.any() else []
         state = decoder.encode(ids, mask, num_samples=num_samples, capacity=None) if chunks else None
@@ -59,7 +63,7 @@ def score(
             real = np.flatnonzero(response_mask[rows, :steps].reshape(-1))
             logits, values = decoder.packed_scores(part, decoder_ids[rows, :steps], lengths[rows], real)
             chosen = responses[rows, :steps].reshape(-1)[real]
-            _host_scores(out, logits, values, chosen, rows[real // steps] * length + real % steps)
+            _host_scores(out, logits, values, chosen, rows[real // steps] * length + real % steps, threads)
         return _checked_scores(out, response_mask, precision, weights_version)
     if by_length is None:
         by_length = decoder.device == "cpu"
@@ -82,14 +86,16 @@ def score(
             out[:, positions] = logprobs, values, entropy
         else:
             logits, values, _ = decoder.step(part, decoder_ids[rows, :steps], select=real)
-            _host_scores(out, logits, values, chosen, positions)
+            _host_scores(out, logits, values, chosen, positions, threads)
     return _checked_scores(out, response_mask, precision, weights_version)
 
 
-def _host_scores(out: np.ndarray, logits: np.ndarray, values: np.ndarray, chosen: np.ndarray, positions) -> None:
+def _host_scores(
+    out: np.ndarray, logits: np.ndarray, values: np.ndarray, chosen: np.ndarray, positions, threads: int = 1
+) -> None:
     """Log-probs of the ``chosen`` ids, values and entropies from M x V ``logits``, into ``out``'s flat
-    ``positions``."""
-    lse, entropy = log_normalizer_and_entropy(logits)
+    ``positions``, the log-softmax on up to ``threads`` threads."""
+    lse, entropy = log_normalizer_and_entropy(logits, threads)
     out[:, positions] = logits[np.arange(len(chosen)), chosen] - lse, values, entropy
 
 
@@ -166,7 +172,30 @@ def length_groups(lengths: np.ndarray, call_cost: Optional[int] = None) -> list:
 ROWS_AT_ONCE = 32
 
 
-def log_normalizer_and_entropy(logits: np.ndarray):
+_POOL: dict = {}  # the thread pool of the pass below, by its size, made once
+_POOL_LOCK = threading.Lock()
+
+
+def log_normalizer_and_entropy(logits: np.ndarray, threads: int = 1):
+    """Row-wise log-sum-exp and entropy of N x V ``logits`` (``log_normalizer_and_entropy_rows``) on up to
+    ``threads`` threads, each on its own consecutive rows (NumPy lets go of the GIL in its loops): the
+    same numbers, row by row. 1,060 x 32,128 logits on this package's 2-core benchmark CPU: 39.6 ms on
+    one thread, 23.6 on two. Once onnxruntime's threads stop spinning when their run returns, the
+    scorer's pass has both cores to itself."""
+    parts = max(1, min(int(threads), len(logits) // ROWS_AT_ONCE))
+    if parts == 1:
+        return log_normalizer_and_entropy_rows(logits)
+    with _POOL_LOCK:
+        if parts - 1 not in _POOL:
+            _POOL[parts - 1] = concurrent.futures.ThreadPoolExecutor(parts - 1, thread_name_prefix="t5vh-scoring")
+        pool = _POOL[parts - 1]
+    cuts = np.linspace(0, len(logits), parts + 1).astype(int)
+    later = [pool.submit(log_normalizer_and_entropy_rows, logits[a:b]) for a, b in zip(cuts[1:-1], cuts[2:])]
+    results = [log_normalizer_and_entropy_rows(logits[: cuts[1]])] + [f.result() for f in later]
+    return tuple(np.concatenate(part) for part in zip(*results))
+
+
+def log_normalizer_and_entropy_rows(logits: np.ndarray):
     """Row-wise log-sum-exp and entropy of N x V ``logits``, ``ROWS_AT_ONCE`` rows at a time, so that
     the exp pass's temporary stays small whatever N (it was as large as the logits, ~140 MB per batch
     of 32 rows at t5-small size, and set the scoring job's peak memory).

@@ -536,6 +536,10 @@ def test_log_normalizer_and_entropy_in_row_chunks(monkeypatch):
     np.testing.assert_allclose(lse, (logits - logp)[:, 0], rtol=1e-6, atol=1e-5)
     np.testing.assert_allclose(entropy, -(np.exp(logp) * logp).sum(-1), rtol=1e-5, atol=1e-5)
     assert len(set(np.round(entropy, 4))) == 11  # every row its own numbers, none copied across a chunk edge
+    for threads in (2, 3, 8):  # rows cut among threads: the same numbers, in row order
+        got = scoring.log_normalizer_and_entropy(logits, threads)
+        np.testing.assert_array_equal(got[0], lse)
+        np.testing.assert_array_equal(got[1], entropy)
 
 
 # ---------------------------------------------------------------------- the scorer graph (CUDA's log-softmax)
