@@ -174,6 +174,8 @@ ROWS_AT_ONCE = 32
 
 _POOL: dict = {}  # the thread pool of the pass below, by its size, made once
 _POOL_LOCK = threading.Lock()
+if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's threads: it makes its own pool
+    os.register_at_fork(after_in_child=_POOL.clear)
 
 
 def log_normalizer_and_entropy(logits: np.ndarray, threads: int = 1):

@@ -906,3 +906,35 @@ def test_threads_scoring_at_once_get_their_own_numbers(tiny_export, perturbed_di
             together = list(pool.map(lambda b: policy.score(*b).logprobs, batches * 3))
         for i, got in enumerate(together):
             assert np.abs(got - alone[i % 4]).max() <= tol(alone[i % 4])
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_a_forked_child_scores_with_threads_of_its_own(tiny_export):
+    """The threaded log-softmax pass keeps a thread pool; a child forked after it was made (multiprocessing's
+    fork) must not wait on the parent's threads, which it does not have: it scores, and the same numbers."""
+    import os
+
+    policy = t5vh_fast.load(tiny_export, providers="cpu", threads=2)
+    logits = (np.random.default_rng(6).standard_normal((4 * scoring.ROWS_AT_ONCE, 50)) * 3).astype(np.float32)
+    lse, _ = scoring.log_normalizer_and_entropy(logits, 2)  # the pool exists now
+    ids, mask = mixed_queries(2, 256, seed=41)
+    want = policy.score(ids, [[5, 6, 7], [8, 9, 10]], mask).logprobs
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child: a hang here fails the test by its timeout below
+        try:
+            again, _ = scoring.log_normalizer_and_entropy(logits, 2)
+            got = policy.score(ids, [[5, 6, 7], [8, 9, 10]], mask).logprobs
+            ok = np.array_equal(again, lse) and np.abs(got - want).max() <= tol(want)
+            os.write(write, b"ok" if ok else b"bad")
+        finally:
+            os._exit(0)
+    os.close(write)
+    deadline, status = time.monotonic() + 60, (0, 0)
+    while status == (0, 0) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        status = os.waitpid(child, os.WNOHANG)
+    if status == (0, 0):  # still waiting on threads it does not have
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+    assert os.read(read, 8) == b"ok"
