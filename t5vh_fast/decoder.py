@@ -38,6 +38,7 @@ from .manifest import (
     ENCODER,
     ENCODER_GRAPH,
     LOOKUP_GRAPH,
+    PACKED_ENCODER_GRAPH,
     PACKED_GRAPH,
     SAMPLER_GRAPH,
     SCORER_GRAPH,
@@ -367,6 +368,7 @@ class SingleDecoder(OnnxDecoder):
         scorer: bool = False,
         lookup: bool = False,
         packed: bool = False,
+        packed_encoder: bool = False,
         lazy_decoder: bool = False,
         **kwargs,
     ):
@@ -374,13 +376,17 @@ class SingleDecoder(OnnxDecoder):
         ``t5vh_scorer.onnx`` / ``t5vh_lookup.onnx``; on CUDA unfiltered draws / the scorer's log-softmax /
         large embedding lookups then run on the device. ``packed``: it lists ``t5vh_decoder_packed.onnx``,
         which scores on the CPU (``packed_scores``; its session starts at the first call, so a process
-        that only samples never holds its weights). ``lazy_decoder`` (the CPU only): the sampling
+        that only samples never holds its weights). ``packed_encoder``: it lists
+        ``t5vh_encoder_packed.onnx``, which the CPU runs instead of the encoder graph: the same weights
+        and numbers, without the work of the queries' padding. ``lazy_decoder`` (the CPU only): the sampling
         decoder's session, too, starts at its first step, so a process that only scores never holds
         its weights. Started at load, it is built first: its weights are the largest, and a session
         briefly holds its weights twice while it starts (peak RSS at batch 1: 308 MB built first, 357
         built after the encoder)."""
         self._lazy_decoder = lazy_decoder
+        self._packed_encoder = packed_encoder  # asked for; then whether the encoder session runs it
         super().__init__(root, **kwargs)
+        self._packed_encoder = self.graphs[0].session.get_modelmeta().graph_name == Path(PACKED_ENCODER_GRAPH).stem
         self.host = load_host_tables(self.root)
         cross_keys = [o for o in self.graphs[0].session.get_outputs() if o.name.startswith("cross_key.")]
         self.num_layers = len(cross_keys)
@@ -413,6 +419,11 @@ class SingleDecoder(OnnxDecoder):
         if not self._lazy_decoder or provider_list[0] != CPU:
             return super()._sessions(provider_list)
         return [self._session(ENCODER_GRAPH, provider_list), None]  # the decoder starts at its first step
+
+    def _session(self, name, provider_list, initializers=None):
+        if name == ENCODER_GRAPH and self._packed_encoder and provider_list[0] == CPU:  # (CUDA: the encoder graph)
+            name = PACKED_ENCODER_GRAPH  # the encoder's weights (the same names), without the padding's work
+        return super()._session(name, provider_list, initializers)
 
     def _lazy(self, name: str, weights: Optional[Dict[str, np.ndarray]] = None) -> LazyGraph:
         """A decoder graph's session, to start at its first use (not holding on to this decoder)."""
@@ -507,7 +518,7 @@ class SingleDecoder(OnnxDecoder):
 
     def encode(self, ids, mask, *, num_samples=1, capacity=0):
         feeds = {
-            "inputs_embeds": self.embed(ids),
+            "inputs_embeds": self.embed(ids[mask != 0] if self._packed_encoder else ids),
             "attention_mask": self.to_device(mask.astype(np.int32)),
             "position_bias": self.to_device(self._encoder_position_bias(ids.shape[1])),
         }
@@ -617,6 +628,12 @@ class SingleDecoder(OnnxDecoder):
     def packed_vocab(self) -> int:
         """The width of the logits ``packed_scores`` returns per position."""
         return self._vocab
+
+    @property
+    def encodes_packed(self) -> bool:
+        """Whether ``encode`` runs the packed encoder (the CPU, and an export with it): only the queries'
+        real tokens go in, and the work of their padding is not done."""
+        return self._packed_encoder
 
     @property
     def scores_packed(self) -> bool:

@@ -180,15 +180,15 @@ def demo_export(size: str, cache_dir: Path, *, precision: str = "fp32", log=lamb
 
 def _current(manifest: dict, export_dir: Path) -> bool:
     """Whether a cached export is what this t5vh_fast would write: format, single-layout tensor plan, and
-    the newest graph of that layout (the packed scoring decoder)."""
+    the newest graph of that layout (the packed encoder)."""
     import json
 
-    from .manifest import FORMAT_VERSION, PACKED_GRAPH
+    from .manifest import FORMAT_VERSION, PACKED_ENCODER_GRAPH
     from .weights import ModelSpec, plan_record
 
     if manifest.get("format_version") != FORMAT_VERSION:
         return False
-    if PACKED_GRAPH not in manifest.get("layouts", {}).get("single", ()):
+    if PACKED_ENCODER_GRAPH not in manifest.get("layouts", {}).get("single", ()):
         return False
     spec = ModelSpec.from_config(json.loads((export_dir / "config.json").read_text()))
     plan = plan_record(spec, manifest.get("precision", "fp32"), tuple(manifest.get("kept_fp32", ())))

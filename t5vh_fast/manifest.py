@@ -24,6 +24,7 @@ SAMPLER_GRAPH = "t5vh_sampler.onnx"  # the draw on the GPU (single layout; expor
 SCORER_GRAPH = "t5vh_scorer.onnx"  # the scorer's log-softmax on the GPU (the same; newer still)
 LOOKUP_GRAPH = "t5vh_lookup.onnx"  # the embedding lookup on the GPU (the same; newer still)
 PACKED_GRAPH = "t5vh_decoder_packed.onnx"  # the decoder for scoring on the CPU, padding removed (newer still)
+PACKED_ENCODER_GRAPH = "t5vh_encoder_packed.onnx"  # the encoder on the CPU, the queries' padding removed (newer still)
 
 
 def read_manifest(export_dir) -> dict:

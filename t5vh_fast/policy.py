@@ -23,6 +23,7 @@ from .manifest import (
     DECODER_GRAPH,
     ENCODER_GRAPH,
     LOOKUP_GRAPH,
+    PACKED_ENCODER_GRAPH,
     PACKED_GRAPH,
     SAMPLER_GRAPH,
     SCORER_GRAPH,
@@ -403,7 +404,13 @@ def load(
     if precision == "int8" and providers == "auto":
         providers = "cpu"  # int8 exports are made for the CPU provider
     _check_precision_runs(precision, providers, cuda)
-    graphs = {"sampler": SAMPLER_GRAPH, "scorer": SCORER_GRAPH, "lookup": LOOKUP_GRAPH, "packed": PACKED_GRAPH}
+    graphs = {
+        "sampler": SAMPLER_GRAPH,
+        "scorer": SCORER_GRAPH,
+        "lookup": LOOKUP_GRAPH,
+        "packed": PACKED_GRAPH,
+        "packed_encoder": PACKED_ENCODER_GRAPH,
+    }
     options = {option: name in needed for option, name in graphs.items()} if layout == "single" else {}
     if layout == "single":
         options["lazy_decoder"] = bool(for_scoring) and options["packed"]

@@ -20,6 +20,7 @@ from t5vh_fast.manifest import (
     FORMAT_VERSION,
     LOOKUP_GRAPH,
     MANIFEST_NAME,
+    PACKED_ENCODER_GRAPH,
     PACKED_GRAPH,
     SAMPLER_GRAPH,
     SCORER_GRAPH,
@@ -28,10 +29,12 @@ from t5vh_fast.manifest import (
 from .conftest import assert_same_samples, mixed_queries, teacher_forced, tol
 
 GRAPHS = ["encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx", "decoder_model_merged.onnx"]
-SINGLE_GRAPHS = ["t5vh_encoder.onnx", "t5vh_decoder.onnx", "t5vh_decoder_packed.onnx"]
+SINGLE_ENCODERS = ["t5vh_encoder.onnx", "t5vh_encoder_packed.onnx"]
+SINGLE_DECODERS = ["t5vh_decoder.onnx", "t5vh_decoder_packed.onnx"]
+SINGLE_GRAPHS = SINGLE_ENCODERS + SINGLE_DECODERS
 SINGLE_FILES = (
     SINGLE_GRAPHS
-    + ["t5vh_encoder.onnx.data", "t5vh_decoder.onnx.data"]  # the packed decoder reads the decoder's weights
+    + ["t5vh_encoder.onnx.data", "t5vh_decoder.onnx.data"]  # the packed graphs read these weights
     + ["t5vh_embedding.npy", "t5vh_tables.npz", "t5vh_sampler.onnx", "t5vh_scorer.onnx", "t5vh_lookup.onnx"]
 )
 
@@ -74,8 +77,8 @@ def test_export_each_family_and_layout(tmp_path, family, layout):
 # what the post-export check must compare per graph file
 COMPARED = {
     "encoder_model.onnx": {"hidden"},
-    "t5vh_encoder.onnx": {"cross_key", "cross_value"},
-    **{g: {"logits", "values"} for g in GRAPHS[1:] + SINGLE_GRAPHS[1:]},
+    **{g: {"cross_key", "cross_value"} for g in SINGLE_ENCODERS},
+    **{g: {"logits", "values"} for g in GRAPHS[1:] + SINGLE_DECODERS},
 }
 
 
@@ -108,7 +111,7 @@ def test_check_compares_values(tiny_dir, tiny_export):
     with torch.no_grad():
         model.v_head.linear.bias.add_(0.01)
     report = check_export(model, tiny_export)
-    for graph in GRAPHS[1:] + SINGLE_GRAPHS[1:]:
+    for graph in GRAPHS[1:] + SINGLE_DECODERS:
         entry = report[graph]
         assert not entry["ok"], graph
         assert entry["values_max_abs_diff"] == pytest.approx(0.01, rel=1e-3), graph
@@ -131,7 +134,19 @@ def test_check_catches_wrong_decoder_scaling(tmp_path, family):
     assert not report["t5vh_decoder_packed.onnx"]["ok"]
 
 
-NEWER_GRAPHS = (SAMPLER_GRAPH, SCORER_GRAPH, LOOKUP_GRAPH, PACKED_GRAPH)
+def test_check_catches_a_wrong_encoder(tiny_dir, tiny_export):
+    """An encoder weight the export does not have fails the check of every encoder graph, the packed
+    one included; the single layout's decoders, which the check feeds from the regular encoder, see it too."""
+    model = load_reference(tiny_dir)
+    with torch.no_grad():
+        model.encoder.block[-1].layer[-1].DenseReluDense.wo.weight.mul_(1.5)
+    report = check_export(model, tiny_export)
+    for graph in ["encoder_model.onnx"] + SINGLE_ENCODERS:
+        assert not report[graph]["ok"], graph
+        assert report[graph]["cross_key_max_abs_diff" if graph in SINGLE_ENCODERS else "hidden_max_abs_diff"] > 0
+
+
+NEWER_GRAPHS = (SAMPLER_GRAPH, SCORER_GRAPH, LOOKUP_GRAPH, PACKED_GRAPH, PACKED_ENCODER_GRAPH)
 
 
 @pytest.mark.parametrize("graph", NEWER_GRAPHS)
@@ -140,7 +155,8 @@ def test_single_layout_carries_the_newer_graphs_and_older_exports_work_without_t
 ):
     """The single layout lists t5vh_sampler.onnx, t5vh_scorer.onnx and t5vh_lookup.onnx (the draw, the
     scorer's log-softmax and the embedding lookup CUDA runs; the CPU does not load them) and
-    t5vh_decoder_packed.onnx (scoring on the CPU), and load() hands them to the decoder; an export made
+    t5vh_decoder_packed.onnx and t5vh_encoder_packed.onnx (scoring, and the encoder, on the CPU), and load()
+    hands them to the decoder; an export made
     before one existed loads without it, samples the same tokens and scores the same numbers."""
     import shutil
 
@@ -152,7 +168,8 @@ def test_single_layout_carries_the_newer_graphs_and_older_exports_work_without_t
         policy_module,
         "open_decoder",
         lambda *a, **kw: (
-            asked.append(tuple(kw.get(k) for k in ("sampler", "scorer", "lookup", "packed"))) or opened(*a, **kw)
+            asked.append(tuple(kw.get(k) for k in ("sampler", "scorer", "lookup", "packed", "packed_encoder")))
+            or opened(*a, **kw)
         ),
     )
 
@@ -160,7 +177,7 @@ def test_single_layout_carries_the_newer_graphs_and_older_exports_work_without_t
     assert graph in manifest["layouts"]["single"] and graph in manifest["files"]
     policy = t5vh_fast.load(tiny_export, providers="cpu")
     assert not policy.decoder.samples_on_device and not policy.decoder.scores_on_device
-    assert policy.decoder.scores_packed
+    assert policy.decoder.scores_packed and policy.decoder.encodes_packed
     old = tmp_path / "before-the-graph"
     shutil.copytree(tiny_export, old)
     (old / graph).unlink()
@@ -176,7 +193,8 @@ def test_single_layout_carries_the_newer_graphs_and_older_exports_work_without_t
     assert np.abs(older.score(ids, a.tokens, mask).logprobs - scored).max() <= tol(scored)
     # listed: the decoder may use it on CUDA; not listed: never read
     assert older.decoder.scores_packed == (graph != PACKED_GRAPH)
-    assert asked == [(True,) * 4, tuple(graph != name for name in NEWER_GRAPHS)]
+    assert older.decoder.encodes_packed == (graph != PACKED_ENCODER_GRAPH)
+    assert asked == [(True,) * 5, tuple(graph != name for name in NEWER_GRAPHS)]
 
 
 def test_optimum_loads_the_export_and_greedy_tokens_match(tiny_export, reference):

@@ -295,7 +295,8 @@ def test_a_failure_while_loading_the_new_sessions_changes_nothing(target, other_
     monkeypatch.setattr(decoder_module, "make_session", fail_on_the_decoder)
     with pytest.raises(ExportError, match="cannot load"):
         policy.update_weights(other_model)
-    assert calls == ["t5vh_encoder.onnx", "t5vh_decoder.onnx"]  # the encoder's new session was built, then dropped
+    # the encoder's new session (the CPU runs the packed encoder) was built, then dropped
+    assert calls == ["t5vh_encoder_packed.onnx", "t5vh_decoder.onnx"]
     monkeypatch.undo()
     assert policy.weights_version == version
     np.testing.assert_array_equal(outputs(policy, queries)[0].logprobs, rollout.logprobs)

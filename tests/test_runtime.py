@@ -400,6 +400,7 @@ LAYOUT_FILES = {
         "t5vh_scorer.onnx",  # the same for the scorer's log-softmax
         "t5vh_lookup.onnx",  # and for the embedding lookup
         "t5vh_decoder_packed.onnx",  # scoring on the CPU; its weights are t5vh_decoder.onnx.data's
+        "t5vh_encoder_packed.onnx",  # the encoder on the CPU; its weights are t5vh_encoder.onnx.data's
     ],
     "split": [
         "encoder_model.onnx",
@@ -486,12 +487,19 @@ def test_load_refuses_any_file_of_its_layout_the_manifest_does_not_vouch_for(
         ):
             manifest_path.write_text(json.dumps(listing))
             for verify in (True, False):
-                newer = ("t5vh_sampler.onnx", "t5vh_scorer.onnx", "t5vh_lookup.onnx", "t5vh_decoder_packed.onnx")
+                newer = (
+                    "t5vh_sampler.onnx",
+                    "t5vh_scorer.onnx",
+                    "t5vh_lookup.onnx",
+                    "t5vh_decoder_packed.onnx",
+                    "t5vh_encoder_packed.onnx",
+                )
                 if name in newer and name not in listing["layouts"]["single"]:
                     # an export made before that graph: the file is ignored, not read
                     policy = t5vh_fast.load(export_copy, providers="cpu", decoder=layout, verify=verify)
                     assert not policy.decoder.samples_on_device and not policy.decoder.scores_on_device
                     assert policy.decoder.scores_packed == (name != "t5vh_decoder_packed.onnx")
+                    assert policy.decoder.encodes_packed == (name != "t5vh_encoder_packed.onnx")
                     continue
                 with pytest.raises(ExportError, match=f"{name} is not listed in {MANIFEST_NAME}"):
                     t5vh_fast.load(export_copy, decoder=layout, verify=verify)
@@ -597,3 +605,44 @@ def test_row_table_reads_the_rows_numpy_would(tmp_path):
     np.save(tmp_path / "cube.npy", np.zeros((2, 2, 2), np.float32))
     with pytest.raises(ExportError, match="not a 2-D table"):
         RowTable(tmp_path / "cube.npy")
+
+
+# ---------------------------------------------------------------------- the packed encoder (CPU)
+
+
+def test_the_packed_encoder_runs_only_the_real_tokens_and_gives_the_encoders_numbers(tiny_export, monkeypatch):
+    """On the CPU encode() runs t5vh_encoder_packed.onnx on the queries' real tokens only (where the mask
+    is 1, a hole in a row included): the cross K/V equal the encoder graph's there and are 0 at the
+    padding, and the rollout and scores built on them equal those of a decoder running the encoder graph."""
+    from t5vh_fast.decoder import open_decoder
+
+    packed = open_decoder(tiny_export, "single", providers="cpu", packed_encoder=True)
+    plain = open_decoder(tiny_export, "single", providers="cpu")
+    assert packed.encodes_packed and not plain.encodes_packed
+    ids, mask = mixed_queries(6, 256, seed=21, max_len=9)
+    mask[1, 1] = 0  # a hole: a masked position before the row's last token
+    embedded = []
+    embed = packed.embed
+    monkeypatch.setattr(
+        packed, "embed", lambda tokens, *a, **kw: embedded.append(np.size(tokens)) or embed(tokens, *a, **kw)
+    )
+    ours, theirs = packed.encode(ids, mask, capacity=None), plain.encode(ids, mask, capacity=None)
+    assert embedded == [mask.sum()] and mask.sum() < mask.size  # only the real tokens went in
+    real = mask[:, None, :, None] != 0
+    for mine, want in zip(ours.cross_kv, theirs.cross_kv):
+        mine, want = mine.numpy(), want.numpy()
+        assert np.abs(np.where(real, mine - want, 0)).max() <= tol(want)
+        assert not np.where(real, 0, mine).any()  # nothing computed for the padding
+    policy = t5vh_fast.load(tiny_export, providers="cpu")
+    assert policy.decoder.encodes_packed
+    rows, rows_mask = mixed_queries(256, 256, seed=22)
+    u = np.random.default_rng(22).random((256, 6))
+    a = policy.respond_to_batch(rows, rows_mask, txt_len=6, uniforms=u)
+    policy.decoder._packed_encoder = False  # the same sessions' numbers through the encoder graph ...
+    policy.decoder.graphs[0] = plain.graphs[0]
+    b = policy.respond_to_batch(rows, rows_mask, txt_len=6, uniforms=u)
+    assert_same_samples(a.tokens, b.tokens, a.logprobs, b.logprobs)
+    scored = policy.score(rows, a.tokens, rows_mask)
+    policy.decoder._packed_encoder = True
+    policy.decoder.graphs[0] = packed.graphs[0]
+    assert np.abs(policy.score(rows, a.tokens, rows_mask).logprobs - scored.logprobs).max() <= tol(scored.logprobs)

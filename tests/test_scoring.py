@@ -582,6 +582,17 @@ def test_scorer_graph_computes_what_the_host_does(vocab):
     assert np.isnan(logprob[7]) and np.isnan(entropy[7]) and np.isfinite(entropy[8])
 
 
+def _as_on_cuda(policy):
+    """A CPU policy's decoder as CUDA has it: the encoder graph, not the packed one, and no packed decoder."""
+    from t5vh_fast.decoder import Graph
+    from t5vh_fast.manifest import ENCODER_GRAPH
+
+    decoder = policy.decoder
+    decoder._packed, decoder._packed_encoder = None, False
+    decoder.graphs[0] = Graph(decoder._session(ENCODER_GRAPH, ["CPUExecutionProvider"]), "cpu")
+    return policy
+
+
 def _with_device_scoring(export_dir):
     """A CPU policy whose decoder runs the GPU path: logits kept in an OrtValue, the scorer graph's pass."""
     import onnxruntime as ort
@@ -590,7 +601,7 @@ def _with_device_scoring(export_dir):
 
     policy = t5vh_fast.load(export_dir, providers="cpu")
     policy.decoder._scorer = ort.InferenceSession(str(export_dir / SCORER_GRAPH), providers=["CPUExecutionProvider"])
-    policy.decoder._packed = None  # CUDA has no packed decoder
+    _as_on_cuda(policy)
     assert policy.decoder.scores_on_device
     return policy
 
@@ -682,7 +693,7 @@ def test_the_device_lookup_path_gives_the_host_numbers(tiny_export, monkeypatch)
             session.run_with_iobinding(binding)
 
     device.decoder._lookup = Counting()
-    device.decoder._packed = None  # CUDA has no packed decoder
+    _as_on_cuda(device)
     ids, mask = mixed_queries(16, 256, seed=38)  # > FEW_ROWS query tokens: the encoder's lookup takes the graph
     a, b = device.respond_to_batch(ids, mask, txt_len=6, seed=8), host.respond_to_batch(ids, mask, txt_len=6, seed=8)
     assert len(runs) == 1  # the encoder's; the steps' 16 rows each were read on the host

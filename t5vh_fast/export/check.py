@@ -2,8 +2,9 @@
 
 Inputs are seeded: a batch of right-padded queries of different lengths and a
 few decoder tokens, run teacher-forced through the first-step graph and step
-by step through the KV cache (and, for the single layout, teacher-forced rows
-of different lengths through the packed scoring decoder). Tolerance (docs/contract.md, "Parity, defined"):
+by step through the KV cache (and, for the single layout, the queries through the
+packed encoder and teacher-forced rows of different lengths through the packed
+scoring decoder). Tolerance (docs/contract.md, "Parity, defined"):
 ``1e-4 * max(1, max |reference|)`` per tensor compared.
 """
 
@@ -22,6 +23,7 @@ from ..manifest import (
     DECODER_WITH_PAST,
     ENCODER,
     ENCODER_GRAPH,
+    PACKED_ENCODER_GRAPH,
     PACKED_GRAPH,
 )
 
@@ -84,6 +86,11 @@ def check_export(model, root: Path, *, layouts=("single", "split", "merged"), se
             report.setdefault(graph, {})
         packed = layout == "single" and (root / PACKED_GRAPH).is_file()
         decoder = open_decoder(root, layout, providers="cpu", **({"packed": True} if packed else {}))
+        if layout == "single" and (root / PACKED_ENCODER_GRAPH).is_file():  # what the CPU runs, padding removed
+            report.setdefault(PACKED_ENCODER_GRAPH, {})
+            packed_encoder = open_decoder(root, layout, providers="cpu", packed_encoder=True)
+            state = packed_encoder.encode(ids, mask, capacity=None)
+            _compare_cross_kv(state, model, ref_hidden, mask, report[PACKED_ENCODER_GRAPH])
         if packed:  # teacher-forced rows of different lengths, padding removed (what scoring does on the CPU)
             report.setdefault(PACKED_GRAPH, {})
             lengths = np.maximum(steps - np.arange(batch), 1)
@@ -94,15 +101,7 @@ def check_export(model, root: Path, *, layouts=("single", "split", "merged"), se
             _compare("values", values, ref_values.reshape(-1)[real], report[PACKED_GRAPH])
         state = decoder.encode(ids, mask, capacity=steps)
         if layout == "single":
-            for name, value, reference in zip(
-                ("key", "value") * len(state.cross_kv), state.cross_kv, _cross_kv(model, ref_hidden)
-            ):
-                _compare(
-                    f"cross_{name}",
-                    value.numpy() * mask[:, None, :, None],
-                    reference * mask[:, None, :, None],
-                    report[encoder_graph],
-                )
+            _compare_cross_kv(state, model, ref_hidden, mask, report[encoder_graph])
         else:
             _compare("hidden", state.encoder_hidden.numpy(), ref_hidden.numpy(), report[encoder_graph])
         # teacher-forced, all positions at once (what scoring does)
@@ -118,6 +117,12 @@ def check_export(model, root: Path, *, layouts=("single", "split", "merged"), se
     for entry in report.values():
         entry["ok"] = all(entry[k] <= entry[k.replace("max_abs_diff", "tol")] for k in entry if k.endswith("diff"))
     return report
+
+
+def _compare_cross_kv(state, model, hidden, mask, report: dict) -> None:
+    """The cross K/V of an encoder's ``state`` against PyTorch's, at the queries' tokens (not their padding)."""
+    for name, value, reference in zip(("key", "value") * len(state.cross_kv), state.cross_kv, _cross_kv(model, hidden)):
+        _compare(f"cross_{name}", value.numpy() * mask[:, None, :, None], reference * mask[:, None, :, None], report)
 
 
 def _cross_kv(model, hidden) -> list:

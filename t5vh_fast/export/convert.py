@@ -138,7 +138,7 @@ def _export_to(out: Path, model, model_dir, *, optimum: bool, merged: bool, opse
         layouts, weight_maps, used_opset = {}, {}, OPSET
         if optimum:
             layouts, weight_maps, used_opset = _export_graphs(model, tmp, merged=merged, opset=opset, log=log)
-        log("writing the single layout (t5vh_encoder.onnx, t5vh_decoder.onnx, t5vh_decoder_packed.onnx) ...")
+        log("writing the single layout (t5vh_encoder.onnx, t5vh_decoder.onnx and their packed forms) ...")
         layouts = {"single": write_single_layout(model, tmp), **layouts}
         _save_side_files(model, Path(model_dir).expanduser(), tmp)
         log("checking every graph against PyTorch ...")

@@ -9,9 +9,17 @@ import numpy as np
 import torch
 
 from ..decoder import EMBEDDING_FILE, TABLES_FILE
-from ..manifest import DECODER_GRAPH, ENCODER_GRAPH, LOOKUP_GRAPH, PACKED_GRAPH, SAMPLER_GRAPH, SCORER_GRAPH
+from ..manifest import (
+    DECODER_GRAPH,
+    ENCODER_GRAPH,
+    LOOKUP_GRAPH,
+    PACKED_ENCODER_GRAPH,
+    PACKED_GRAPH,
+    SAMPLER_GRAPH,
+    SCORER_GRAPH,
+)
 from ..weights import ModelSpec, checkpoint_params, plan_arrays
-from .graph import decoder_graph, encoder_graph, packed_decoder_graph, save, save_beside
+from .graph import decoder_graph, encoder_graph, packed_decoder_graph, packed_encoder_graph, save, save_beside
 from .sampler import lookup_graph, sampler_graph, scorer_graph
 
 
@@ -23,6 +31,7 @@ def write_single_layout(model, out: Path, *, precision: str = "fp32", keep_fp32:
     spec = ModelSpec.from_config(model.config.to_dict())
     arrays = plan_arrays(checkpoint_params(model.state_dict(), spec), spec, precision, keep_fp32)
     files = save(encoder_graph(spec, arrays["encoder"]), out / ENCODER_GRAPH)
+    files += save_beside(packed_encoder_graph(spec, arrays["encoder"]), out / PACKED_ENCODER_GRAPH, out / ENCODER_GRAPH)
     files += save(decoder_graph(spec, arrays["decoder"]), out / DECODER_GRAPH)
     files += save_beside(packed_decoder_graph(spec, arrays["decoder"]), out / PACKED_GRAPH, out / DECODER_GRAPH)
     host = arrays["host"]
