@@ -88,7 +88,6 @@ class Builder:
         self._zeros: Dict[str, str] = {}
         self._nonnegative: set = set()  # values known to be >= 0 (ReLU outputs)
         self._masks: Dict[str, str] = {}  # int32 key masks -> their additive forms (grid_attention)
-        self._split: set = set()  # inputs already split into heads (B x H x L x d): the cross K/V
 
     def input(self, name: str, dtype, dims) -> str:
         self.inputs.append(helper.make_tensor_value_info(name, dtype, dims))
@@ -206,23 +205,50 @@ class Builder:
             scale=1.0,
         )
 
+    def grid_indices(self, flat: str, rows: str, length: str) -> tuple:
+        """Where P packed positions sit in an X x H x L x d grid: ``flat`` holds their P indices into
+        X x L (row-major; ``rows`` = [X], ``length`` = [L]). Returns the grid's zeros and the P x H x 3
+        (row, head, position) indices that ``to_grid`` and ``from_grid`` take: the heads are split
+        where the positions are scattered, so attention needs no Transpose on either side."""
+        H, d = self.spec.num_heads, self.spec.d_kv
+        each = self.node("Concat", [self.node("Shape", [flat]), self.const([H, 1])], axis=0)  # P x H x 1
+
+        def spread(index: str) -> str:
+            return self.node("Expand", [self.node("Unsqueeze", [index, self.const([1, 2])]), each])
+
+        heads = self.node("Expand", [self.const(np.arange(H).reshape(1, H, 1)), each])
+        row, position = self.node("Div", [flat, length]), self.node("Mod", [flat, length])
+        indices = self.node("Concat", [spread(row), heads, spread(position)], axis=2)
+        shape = self.node("Concat", [rows, self.const([H]), length, self.const([d])], axis=0)
+        zeros = self.node("ConstantOfShape", [shape], value=numpy_helper.from_array(np.zeros(1, np.float32)))
+        return zeros, indices
+
+    def to_grid(self, x: str, grid: tuple) -> str:
+        """P x H*d fp32 -> the X x H x L x d grid of ``grid_indices``, zeros where no position is."""
+        zeros, indices = grid
+        split = self.node("Reshape", [x, self.const([-1, self.spec.num_heads, self.spec.d_kv])])
+        return self.node("ScatterND", [zeros, indices, split])
+
+    def from_grid(self, x: str, grid: tuple) -> str:
+        """The P positions of an X x H x L x d grid, as P x H*d."""
+        return self.node("Reshape", [self.node("GatherND", [x, grid[1]]), self.const([-1, self.spec.inner])])
+
     def grid_attention(self, query: str, key: str, value: str, *, bias: str = "", mask: str = "", kind: str = "fp32"):
-        """Attention of ``query`` (B x L x H*d) over ``key``/``value`` (B x L' x H*d, or B x H x L' x d when
-        they are cross K/V inputs), without T5's 1/sqrt(d) scaling: ``bias`` (1 x H x L x L') added to the
-        scores, keys where the int32 ``mask`` (B x L') is 0 left out. For the packed graphs, whose attention
-        runs over a grid of rows: MatMul and Softmax nodes, which onnxruntime's CPU runs faster than its
-        ``MultiHeadAttention`` there (32 rows x 64 positions, causal bias: 3.6 against 5.6 ms a call).
-        ``MultiHeadAttention`` for types other than fp32."""
+        """Attention of ``query`` (X x H x L x d) over ``key``/``value`` (X x H x L' x d), in that layout,
+        without T5's 1/sqrt(d) scaling: ``bias`` (1 x H x L x L') added to the scores, keys where the int32
+        ``mask`` (X x L') is 0 left out. For the packed graphs, whose attention runs over a grid of rows:
+        MatMul and Softmax nodes, which onnxruntime's CPU runs faster than its ``MultiHeadAttention``
+        there (32 rows x 64 positions, causal bias: 3.6 against 5.6 ms a call). ``MultiHeadAttention``
+        for types other than fp32."""
         if kind != "fp32":
-            return self.attention(query, key, value, attention_bias=bias, key_padding_mask=mask)
-        split = [x if x in self._split else self.heads(x) for x in (query, key, value)]
-        scores = self.node("FusedMatMul", split[:2], domain="com.microsoft", transB=1, alpha=1.0)
+            merged = self.node("Transpose", [query], perm=[0, 2, 1, 3])
+            merged = self.node("Reshape", [merged, self.const([0, 0, self.spec.inner])])
+            return self.heads(self.attention(merged, key, value, attention_bias=bias, key_padding_mask=mask))
+        scores = self.node("FusedMatMul", [query, key], domain="com.microsoft", transB=1, alpha=1.0)
         for extra in (bias, mask and self._additive(mask)):
             if extra:
                 scores = self.node("Add", [scores, extra])
-        mixed = self.node("MatMul", [self.node("Softmax", [scores], axis=-1), split[2]])
-        merged = self.node("Transpose", [mixed], perm=[0, 2, 1, 3])
-        return self.node("Reshape", [merged, self.const([0, 0, self.spec.inner])])
+        return self.node("MatMul", [self.node("Softmax", [scores], axis=-1), value])
 
     def _additive(self, mask: str) -> str:
         """B x L int32 (1 = token) -> B x 1 x 1 x L float32: 0 on tokens, -1e9 on padding (once per mask)."""
@@ -361,12 +387,12 @@ def packed_decoder_graph(spec: ModelSpec, weights: Dict[str, np.ndarray]) -> Bui
     ``grid`` = (R, T), each row's positions up to its last scored one), ``position_bias`` (1 x H x T x T,
     causal), ``encoder_mask`` and the cross K/V as in the decoder graph, and ``select`` (M indices into
     the P positions). Outputs ``logits`` (M x V) and ``value`` (M). Only attention sees the grid: q, k, v
-    are scattered into it (zeros elsewhere, which causality hides from every active position) and the
-    result gathered back; the projections, norms and feed-forward layers run on the P positions.
+    are scattered into it, split into heads (zeros elsewhere, which causality hides from every active
+    position), and the result gathered back; the projections, norms and feed-forward layers run on the P positions.
     Its weights are the decoder graph's, read from that graph's ``.data`` file (``save_beside``).
     """
     b = Builder("t5vh_decoder_packed", weights, spec)
-    H, dkv, inner = spec.num_heads, spec.d_kv, spec.inner
+    H, dkv = spec.num_heads, spec.d_kv
     x = b.input("inputs_embeds", TensorProto.FLOAT, ["positions", spec.d_model])
     active = b.input("active", TensorProto.INT64, ["positions"])
     grid = b.input("grid", TensorProto.INT64, [2])
@@ -376,31 +402,23 @@ def packed_decoder_graph(spec: ModelSpec, weights: Dict[str, np.ndarray]) -> Bui
     for i in range(spec.decoder_layers):
         kind = _COMPUTE_TYPES[b.types[f"decoder.{i}.cross"]]
         cross.append(tuple(b.input(f"cross_{name}.{i}", kind, ["batch", H, "seq", dkv]) for name in ("key", "value")))
-    b._split.update(name for pair in cross for name in pair)
     select = b.input("select", TensorProto.INT64, ["picked"])
-    indices = b.node("Unsqueeze", [active, b.const([1])])
-    flat = b.node("Concat", [b.node("ReduceProd", [grid], keepdims=1), b.const([inner])], axis=0)
-    padded = b.node("Concat", [grid, b.const([inner])], axis=0)
-    group_shape = b.node("Concat", [b.node("Shape", [enc_mask], start=0, end=1), b.const([-1, inner])], axis=0)
-
-    def spread(t: str) -> str:  # P x inner -> R x T x inner, zeros at the inactive positions
-        zeros = b.node("ConstantOfShape", [flat], value=numpy_helper.from_array(np.zeros(1, np.float32)))
-        return b.node("Reshape", [b.node("ScatterND", [zeros, indices, t]), padded])
-
-    def gather(t: str) -> str:  # R x T x inner -> P x inner
-        return b.node("Gather", [b.node("Reshape", [t, b.const([-1, inner])]), active], axis=0)
-
+    rows, steps = (b.node("Slice", [grid, b.const([k]), b.const([k + 1])]) for k in (0, 1))
+    queries = b.node("Shape", [enc_mask], start=0, end=1)
+    # self-attention on the R x T grid; cross-attention on B x (N x T), the N samples of a query as one row
+    grid_self = b.grid_indices(active, rows, steps)
+    grid_cross = b.grid_indices(active, queries, b.node("Div", [b.node("ReduceProd", [grid], keepdims=1), queries]))
     for i in range(spec.decoder_layers):
         p = f"decoder.{i}"
         kind = b.types[f"{p}.self"]
         h = b.cast(b.norm(x, f"{p}.self_norm"), kind)
-        q, k, v = (spread(b.to_fp32(b.linear(h, f"{p}.self_{w}"), kind)) for w in ("q", "k", "v"))
-        a = gather(b.grid_attention(q, k, v, bias=bias))
+        q, k, v = (b.to_grid(b.to_fp32(b.linear(h, f"{p}.self_{w}"), kind), grid_self) for w in "qkv")
+        a = b.from_grid(b.grid_attention(q, k, v, bias=bias), grid_self)
         x = b.node("Add", [x, b.to_fp32(b.linear(b.cast(a, kind), f"{p}.self_o"), kind)])
         kind = b.types[f"{p}.cross"]
         q = b.linear(b.cast(b.norm(x, f"{p}.cross_norm"), kind), f"{p}.cross_q")
-        grouped = b.node("Reshape", [spread(b.to_fp32(q, kind)), group_shape])
-        a = gather(b.grid_attention(b.cast(grouped, kind), *cross[i], mask=enc_mask, kind=kind))
+        q = b.cast(b.to_grid(b.to_fp32(q, kind), grid_cross), kind)
+        a = b.from_grid(b.grid_attention(q, *cross[i], mask=enc_mask, kind=kind), grid_cross)
         x = b.node("Add", [x, b.to_fp32(b.linear(a, f"{p}.cross_o"), kind)])
         x = b.feed_forward(x, p)
     hidden = b.norm(x, "decoder.final_norm")
@@ -412,45 +430,30 @@ def packed_decoder_graph(spec: ModelSpec, weights: Dict[str, np.ndarray]) -> Bui
 def packed_encoder_graph(spec: ModelSpec, weights: Dict[str, np.ndarray]) -> Builder:
     """The encoder graph's numbers without the queries' padding: ``inputs_embeds`` holds only the P real
     tokens (where ``attention_mask``, B x S, is 1, row by row); the projections, norms and feed-forward
-    layers run on those P positions, attention on the B x S grid (q, k, v scattered into it, zeros at
-    the padding, which the mask hides as keys). Outputs the cross K/V of the encoder graph, zeros at the
-    padding. Its weights are the encoder graph's, read from that graph's ``.data`` file (``save_beside``)."""
+    layers run on those P positions, attention on the B x S grid (q, k, v scattered into it, split into
+    heads, zeros at the padding, which the mask hides as keys). Outputs the cross K/V of the encoder
+    graph (B x H x S x d), zeros at the padding. Its weights are the encoder graph's, read from that graph's ``.data`` file (``save_beside``)."""
     b = Builder("t5vh_encoder_packed", weights, spec)
-    inner = spec.inner
     x = b.input("inputs_embeds", TensorProto.FLOAT, ["positions", spec.d_model])
     mask = b.input("attention_mask", TensorProto.INT32, ["batch", "seq"])
     bias = b.input("position_bias", TensorProto.FLOAT, [1, spec.num_heads, "seq", "seq"])
-    active = b.node("Transpose", [b.node("NonZero", [b.node("Reshape", [mask, b.const([-1])])])])  # P x 1
-    grid = b.node("Shape", [mask])
-    zeros = {}
-
-    def spread(t: str, width: int) -> str:  # P x width -> B x S x width, zeros at the padding
-        if width not in zeros:
-            flat = b.node("Concat", [b.node("ReduceProd", [grid], keepdims=1), b.const([width])], axis=0)
-            zeros[width] = b.node("ConstantOfShape", [flat], value=numpy_helper.from_array(np.zeros(1, np.float32)))
-        return b.node(
-            "Reshape",
-            [b.node("ScatterND", [zeros[width], active, t]), b.node("Concat", [grid, b.const([width])], axis=0)],
-        )
-
-    def gather(t: str) -> str:  # B x S x inner -> P x inner
-        return b.node("GatherND", [b.node("Reshape", [t, b.const([-1, inner])]), active])
-
+    active = b.node("Reshape", [b.node("NonZero", [b.node("Reshape", [mask, b.const([-1])])]), b.const([-1])])
+    grid = b.grid_indices(active, b.node("Shape", [mask], start=0, end=1), b.node("Shape", [mask], start=1, end=2))
     for i in range(spec.encoder_layers):
         p = f"encoder.{i}"
         kind = b.types[f"{p}.attn"]
         h = b.cast(b.norm(x, f"{p}.attn_norm"), kind)
-        q, k, v = (b.cast(spread(b.to_fp32(b.linear(h, f"{p}.attn_{w}"), kind), inner), kind) for w in "qkv")
-        a = gather(b.grid_attention(q, k, v, bias=b.cast(bias, kind), mask=mask, kind=kind))
+        q, k, v = (b.cast(b.to_grid(b.to_fp32(b.linear(h, f"{p}.attn_{w}"), kind), grid), kind) for w in "qkv")
+        a = b.from_grid(b.grid_attention(q, k, v, bias=b.cast(bias, kind), mask=mask, kind=kind), grid)
         x = b.node("Add", [x, b.to_fp32(b.linear(a, f"{p}.attn_o"), kind)])
         x = b.feed_forward(x, p)
-    hidden = spread(b.norm(x, "encoder.final_norm"), spec.d_model)
+    hidden = b.norm(x, "encoder.final_norm")
     for i in range(spec.decoder_layers):
         kind = b.types[f"decoder.{i}.cross"]
-        for name in ("key", "value"):  # on the B x S grid (int8: its rows' own zero points, not the P positions')
-            projected = b.linear(b.cast(hidden, kind), f"decoder.{i}.cross_{name[0]}", rows="grid")
+        for name in ("key", "value"):  # projected at the P positions, then into the grid the decoder reads
+            projected = b.to_fp32(b.linear(b.cast(hidden, kind), f"decoder.{i}.cross_{name[0]}"), kind)
             dims = ["batch", spec.num_heads, "seq", spec.d_kv]
-            b.output(b.heads(projected), f"cross_{name}.{i}", _COMPUTE_TYPES[kind], dims)
+            b.output(b.cast(b.to_grid(projected, grid), kind), f"cross_{name}.{i}", _COMPUTE_TYPES[kind], dims)
     return b
 
 
