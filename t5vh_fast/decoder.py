@@ -518,10 +518,14 @@ class SingleDecoder(OnnxDecoder):
 
     def encode(self, ids, mask, *, num_samples=1, capacity=0):
         feeds = {
-            "inputs_embeds": self.embed(ids[mask != 0] if self._packed_encoder else ids),
             "attention_mask": self.to_device(mask.astype(np.int32)),
             "position_bias": self.to_device(self._encoder_position_bias(ids.shape[1])),
         }
+        if self._packed_encoder:  # the real tokens only, and where they are
+            active = np.flatnonzero(mask)
+            feeds.update(inputs_embeds=self.embed(ids.reshape(-1)[active]), active=self.to_device(active))
+        else:
+            feeds["inputs_embeds"] = self.embed(ids)
         out = self.graphs[0].run(feeds)
         rows = ids.shape[0] * num_samples
         cross = [out[n] for n in self._cross]

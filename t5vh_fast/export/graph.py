@@ -209,16 +209,21 @@ class Builder:
         """Where P packed positions sit in an X x H x L x d grid: ``flat`` holds their P indices into
         X x L (row-major; ``rows`` = [X], ``length`` = [L]). Returns the grid's zeros and the P x H x 3
         (row, head, position) indices that ``to_grid`` and ``from_grid`` take: the heads are split
-        where the positions are scattered, so attention needs no Transpose on either side."""
+        where the positions are scattered, so attention needs no Transpose on either side. The
+        indices are made by broadcasting, so onnxruntime knows the shapes that follow (P x H*d after
+        ``from_grid``), and fuses the output projection with its residual Add into one Gemm."""
         H, d = self.spec.num_heads, self.spec.d_kv
-        each = self.node("Concat", [self.node("Shape", [flat]), self.const([H, 1])], axis=0)  # P x H x 1
+        heads = np.zeros((1, H, 3), dtype=np.int64)
+        heads[0, :, 1] = np.arange(H)
 
-        def spread(index: str) -> str:
-            return self.node("Expand", [self.node("Unsqueeze", [index, self.const([1, 2])]), each])
+        def place(index: str, axis: int) -> str:  # P -> P x 1 x 3, the index at ``axis`` of the last
+            unit = np.zeros((1, 1, 3), dtype=np.int64)
+            unit[0, 0, axis] = 1
+            return self.node("Mul", [self.node("Unsqueeze", [index, self.const([1, 2])]), self.const(unit)])
 
-        heads = self.node("Expand", [self.const(np.arange(H).reshape(1, H, 1)), each])
         row, position = self.node("Div", [flat, length]), self.node("Mod", [flat, length])
-        indices = self.node("Concat", [spread(row), heads, spread(position)], axis=2)
+        spread = self.node("Add", [place(row, 0), place(position, 2)])
+        indices = self.node("Add", [spread, self.const(heads)])
         shape = self.node("Concat", [rows, self.const([H]), length, self.const([d])], axis=0)
         zeros = self.node("ConstantOfShape", [shape], value=numpy_helper.from_array(np.zeros(1, np.float32)))
         return zeros, indices
@@ -226,12 +231,12 @@ class Builder:
     def to_grid(self, x: str, grid: tuple) -> str:
         """P x H*d fp32 -> the X x H x L x d grid of ``grid_indices``, zeros where no position is."""
         zeros, indices = grid
-        split = self.node("Reshape", [x, self.const([-1, self.spec.num_heads, self.spec.d_kv])])
+        split = self.node("Reshape", [x, self.const([0, self.spec.num_heads, self.spec.d_kv])])
         return self.node("ScatterND", [zeros, indices, split])
 
     def from_grid(self, x: str, grid: tuple) -> str:
         """The P positions of an X x H x L x d grid, as P x H*d."""
-        return self.node("Reshape", [self.node("GatherND", [x, grid[1]]), self.const([-1, self.spec.inner])])
+        return self.node("Reshape", [self.node("GatherND", [x, grid[1]]), self.const([0, self.spec.inner])])
 
     def grid_attention(self, query: str, key: str, value: str, *, bias: str = "", mask: str = "", kind: str = "fp32"):
         """Attention of ``query`` (X x H x L x d) over ``key``/``value`` (X x H x L' x d), in that layout,
@@ -429,15 +434,15 @@ def packed_decoder_graph(spec: ModelSpec, weights: Dict[str, np.ndarray]) -> Bui
 
 def packed_encoder_graph(spec: ModelSpec, weights: Dict[str, np.ndarray]) -> Builder:
     """The encoder graph's numbers without the queries' padding: ``inputs_embeds`` holds only the P real
-    tokens (where ``attention_mask``, B x S, is 1, row by row); the projections, norms and feed-forward
+    tokens, at the flat ``active`` indices into B x S (where ``attention_mask`` is 1); the projections, norms and feed-forward
     layers run on those P positions, attention on the B x S grid (q, k, v scattered into it, split into
     heads, zeros at the padding, which the mask hides as keys). Outputs the cross K/V of the encoder
     graph (B x H x S x d), zeros at the padding. Its weights are the encoder graph's, read from that graph's ``.data`` file (``save_beside``)."""
     b = Builder("t5vh_encoder_packed", weights, spec)
     x = b.input("inputs_embeds", TensorProto.FLOAT, ["positions", spec.d_model])
+    active = b.input("active", TensorProto.INT64, ["positions"])
     mask = b.input("attention_mask", TensorProto.INT32, ["batch", "seq"])
     bias = b.input("position_bias", TensorProto.FLOAT, [1, spec.num_heads, "seq", "seq"])
-    active = b.node("Reshape", [b.node("NonZero", [b.node("Reshape", [mask, b.const([-1])])]), b.const([-1])])
     grid = b.grid_indices(active, b.node("Shape", [mask], start=0, end=1), b.node("Shape", [mask], start=1, end=2))
     for i in range(spec.encoder_layers):
         p = f"encoder.{i}"
