@@ -378,15 +378,16 @@ class SingleDecoder(OnnxDecoder):
         which scores on the CPU (``packed_scores``; its session starts at the first call, so a process
         that only samples never holds its weights). ``packed_encoder``: it lists
         ``t5vh_encoder_packed.onnx``, which the CPU runs instead of the encoder graph: the same weights
-        and numbers, without the work of the queries' padding. ``lazy_decoder`` (the CPU only): the sampling
-        decoder's session, too, starts at its first step, so a process that only scores never holds
-        its weights. Started at load, it is built first: its weights are the largest, and a session
-        briefly holds its weights twice while it starts (peak RSS at batch 1: 308 MB built first, 357
-        built after the encoder)."""
+        and numbers, without the work of the queries' padding. ``lazy_decoder`` (the CPU only): the
+        sampling decoder's session, too, starts at its first step, so a process that only scores never
+        holds its weights. Started at load, it is built first: its weights are the largest, and a
+        session briefly holds its weights twice while it starts (peak RSS at batch 1: 308 MB built
+        first, 357 built after the encoder)."""
         self._lazy_decoder = lazy_decoder
         self._packed_encoder = packed_encoder  # asked for; then whether the encoder session runs it
         super().__init__(root, **kwargs)
-        self._packed_encoder = self.graphs[0].session.get_modelmeta().graph_name == Path(PACKED_ENCODER_GRAPH).stem
+        encoder_graph = self.graphs[0].session.get_modelmeta().graph_name
+        self._packed_encoder = encoder_graph == Path(PACKED_ENCODER_GRAPH).stem
         self.host = load_host_tables(self.root)
         cross_keys = [o for o in self.graphs[0].session.get_outputs() if o.name.startswith("cross_key.")]
         self.num_layers = len(cross_keys)

@@ -393,8 +393,8 @@ def packed_decoder_graph(spec: ModelSpec, weights: Dict[str, np.ndarray]) -> Bui
     causal), ``encoder_mask`` and the cross K/V as in the decoder graph, and ``select`` (M indices into
     the P positions). Outputs ``logits`` (M x V) and ``value`` (M). Only attention sees the grid: q, k, v
     are scattered into it, split into heads (zeros elsewhere, which causality hides from every active
-    position), and the result gathered back; the projections, norms and feed-forward layers run on the P positions.
-    Its weights are the decoder graph's, read from that graph's ``.data`` file (``save_beside``).
+    position), and the result gathered back; the projections, norms and feed-forward layers run on the
+    P positions. Its weights are the decoder graph's, read from that graph's ``.data`` file (``save_beside``).
     """
     b = Builder("t5vh_decoder_packed", weights, spec)
     H, dkv = spec.num_heads, spec.d_kv
@@ -434,10 +434,11 @@ def packed_decoder_graph(spec: ModelSpec, weights: Dict[str, np.ndarray]) -> Bui
 
 def packed_encoder_graph(spec: ModelSpec, weights: Dict[str, np.ndarray]) -> Builder:
     """The encoder graph's numbers without the queries' padding: ``inputs_embeds`` holds only the P real
-    tokens, at the flat ``active`` indices into B x S (where ``attention_mask`` is 1); the projections, norms and feed-forward
-    layers run on those P positions, attention on the B x S grid (q, k, v scattered into it, split into
-    heads, zeros at the padding, which the mask hides as keys). Outputs the cross K/V of the encoder
-    graph (B x H x S x d), zeros at the padding. Its weights are the encoder graph's, read from that graph's ``.data`` file (``save_beside``)."""
+    tokens, at the flat ``active`` indices into B x S (where ``attention_mask`` is 1). The projections,
+    norms and feed-forward layers run on those P positions, attention on the B x S grid (q, k, v
+    scattered into it, split into heads, zeros at the padding, which the mask hides as keys). Outputs
+    the cross K/V of the encoder graph (B x H x S x d), zeros at the padding. Its weights are the
+    encoder graph's, read from that graph's ``.data`` file (``save_beside``)."""
     b = Builder("t5vh_encoder_packed", weights, spec)
     x = b.input("inputs_embeds", TensorProto.FLOAT, ["positions", spec.d_model])
     active = b.input("active", TensorProto.INT64, ["positions"])
