@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 from click.testing import CliRunner
+from onnx import TensorProto
 
 import t5vh_fast
 from t5vh_fast._files import sha256_file
@@ -16,6 +19,7 @@ from t5vh_fast.cli import export_command
 from t5vh_fast.demo import build_model, write_demo
 from t5vh_fast.export import ExportParityError, check_export, export
 from t5vh_fast.export import convert as convert_module
+from t5vh_fast.export.graph import Builder, save
 from t5vh_fast.manifest import (
     FORMAT_VERSION,
     LOOKUP_GRAPH,
@@ -25,6 +29,7 @@ from t5vh_fast.manifest import (
     SAMPLER_GRAPH,
     SCORER_GRAPH,
 )
+from t5vh_fast.weights import ModelSpec
 
 from .conftest import assert_same_samples, mixed_queries, teacher_forced, tol
 
@@ -144,6 +149,41 @@ def test_check_catches_a_wrong_encoder(tiny_dir, tiny_export):
     for graph in ["encoder_model.onnx"] + SINGLE_ENCODERS:
         assert not report[graph]["ok"], graph
         assert report[graph]["cross_key_max_abs_diff" if graph in SINGLE_ENCODERS else "hidden_max_abs_diff"] > 0
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("blocks", [1, 3])
+def test_feed_forward_in_slices_is_the_same_layer(tmp_path, tiny_dir, gated, blocks):
+    """The packed graphs' feed-forward layer cut into slices of its hidden width (here 10 in 3 uneven
+    slices) computes the layer: the residual plus the sublayer, for the plain and the gated form."""
+    spec = ModelSpec.from_config(json.loads((tiny_dir / "config.json").read_text()))
+    spec = dataclasses.replace(spec, d_model=8, d_ff=10, gated=gated, activation="gelu_new" if gated else "relu")
+    rng = np.random.default_rng(3)
+    names = ["ff_wi_0", "ff_wi_1"] if gated else ["ff_wi"]
+    weights = {f"encoder.0.{n}": rng.standard_normal((8, 10)).astype(np.float32) for n in names}
+    weights["encoder.0.ff_wo"] = rng.standard_normal((10, 8)).astype(np.float32)
+    weights["encoder.0.ff_norm"] = rng.uniform(0.5, 1.5, 8).astype(np.float32)
+    b = Builder("ff", weights, spec)
+    b.output(
+        b.feed_forward(b.input("x", TensorProto.FLOAT, ["n", 8]), "encoder.0", blocks=blocks),
+        "y",
+        TensorProto.FLOAT,
+        ["n", 8],
+    )
+    save(b, tmp_path / "ff.onnx")
+    assert sum(node.op_type == "Slice" for node in b.nodes) == (0 if blocks == 1 else blocks * (len(names) + 1))
+    session = ort.InferenceSession(str(tmp_path / "ff.onnx"), providers=["CPUExecutionProvider"])
+    x = rng.standard_normal((5, 8)).astype(np.float32)
+    h = (x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + spec.eps)) * weights["encoder.0.ff_norm"]
+    if gated:
+        a = h @ weights["encoder.0.ff_wi_0"]
+        gelu = 0.5 * a * (1 + np.tanh(np.sqrt(2 / np.pi) * (a + 0.044715 * a**3)))
+        hidden = gelu * (h @ weights["encoder.0.ff_wi_1"])
+    else:
+        hidden = np.maximum(h @ weights["encoder.0.ff_wi"], 0)
+    expected = x + hidden @ weights["encoder.0.ff_wo"]
+    y = session.run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, expected, rtol=0, atol=tol(expected))
 
 
 NEWER_GRAPHS = (SAMPLER_GRAPH, SCORER_GRAPH, LOOKUP_GRAPH, PACKED_GRAPH, PACKED_ENCODER_GRAPH)
