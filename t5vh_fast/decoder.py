@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import json
 import os
 import threading
 import warnings
@@ -54,6 +55,7 @@ from .providers import (
     resolve_providers,
 )
 from .sampling import draw, token_logprobs
+from .weights import ROW_BLOCKS_KEY, with_row_blocks
 
 
 @dataclass
@@ -95,6 +97,13 @@ class StepIO:
     values: np.ndarray
     # the positions already in the cache, in NumPy's memory bound on the host: set, not re-bound, each step
     past_length: np.ndarray
+
+
+def named_as(graph, weights: Optional[Dict[str, np.ndarray]]) -> Optional[Dict[str, np.ndarray]]:
+    """``weights`` named as the started ``graph``'s file names its tensors: a matrix the file holds as
+    blocks of rows (its ``ROW_BLOCKS_KEY`` metadata: the packed graphs' feed-forward output) as those."""
+    blocks = graph.session.get_modelmeta().custom_metadata_map.get(ROW_BLOCKS_KEY)
+    return with_row_blocks(weights, json.loads(blocks)) if weights is not None and blocks else weights
 
 
 class Graph:
@@ -480,12 +489,14 @@ class SingleDecoder(OnnxDecoder):
         new.graphs = [
             self._lazy(name, arrays.get(name))
             if isinstance(graph, LazyGraph) and not graph.started
-            else Graph(self._session(name, self.providers, arrays.get(name)), self.device, self.device_id)
+            else Graph(
+                self._session(name, self.providers, named_as(graph, arrays.get(name))), self.device, self.device_id
+            )
             for name, graph in zip(self.files, self.graphs)
         ]
         new._packed = None
-        if self._packed is not None and self._packed.started:
-            session = self._session(PACKED_GRAPH, self.providers, arrays.get(DECODER_GRAPH))  # the same tensors
+        if self._packed is not None and self._packed.started:  # the decoder's tensors
+            session = self._session(PACKED_GRAPH, self.providers, named_as(self._packed, arrays.get(DECODER_GRAPH)))
             new._packed = Graph(session, self.device, self.device_id)
         new.host = {**self.host, **arrays.get("host", {})}
         new._encoder_bias, new._decoder_bias, new._positions = {}, {}, {}

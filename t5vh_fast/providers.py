@@ -252,27 +252,7 @@ def make_session(
         ) from None
     if providers[0] != CPU and session.get_providers()[0] != providers[0]:
         raise ProviderError(_did_not_start(providers[0], path, session.get_providers()))
-    release_freed_memory()
     return session
-
-
-def release_freed_memory() -> None:
-    """Hand the C heap's free pages back to the system (glibc's ``malloc_trim``; elsewhere nothing).
-
-    A session start frees what it used on the way (weights before packing, the packed decoder's folded
-    weight slices), but glibc keeps freed heap pages for later: without this the benchmark's scoring
-    process peaked at 617 MB instead of 597 at t5-small size."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-@functools.cache
-def _malloc_trim():
-    try:
-        return ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return None
 
 
 def _did_not_start(provider: str, path: Path, got: List[str]) -> str:

@@ -369,6 +369,30 @@ def plan_record(spec: ModelSpec, precision: str, keep_fp32: Tuple[str, ...] = ()
     }
 
 
+ROW_BLOCKS_KEY = "t5vh_row_blocks"  # a graph's metadata: {matrix: edges} of the row blocks it holds instead
+
+
+def block_edges(rows: int, blocks: int) -> List[int]:
+    """Where ``rows`` rows are cut into ``blocks`` blocks as equal as can be: ``blocks + 1`` edges."""
+    return [int(e) for e in np.linspace(0, rows, blocks + 1).astype(np.int64)]
+
+
+def row_block_name(matrix: str, start: int, end: int) -> str:
+    """The name of rows ``start:end`` of ``matrix`` stored as a tensor of their own."""
+    return f"{matrix}[{start}:{end}]"
+
+
+def with_row_blocks(arrays: Mapping[str, np.ndarray], blocks: Mapping[str, List[int]]) -> Dict[str, np.ndarray]:
+    """``arrays`` named as a graph whose ``blocks`` ({matrix: edges}, its ``ROW_BLOCKS_KEY`` metadata)
+    holds those matrices as blocks of rows: each such matrix replaced by its blocks (views)."""
+    out = {name: array for name, array in arrays.items() if name not in blocks}
+    for matrix, edges in blocks.items():
+        if matrix in arrays:
+            for start, end in zip(edges[:-1], edges[1:]):
+                out[row_block_name(matrix, start, end)] = arrays[matrix][start:end]
+    return out
+
+
 def sublayer_of(tensor_name: str) -> str:
     """The sublayer a matrix belongs to ("decoder.3.ff" for "decoder.3.ff_wo"); "" for other tensors.
 

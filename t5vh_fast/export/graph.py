@@ -26,6 +26,10 @@ samples of a group. The post-export check holds it to the PyTorch model.
 - ``t5vh_encoder_packed.onnx``: the encoder on the queries' real tokens only
   (``packed_encoder_graph``), on the weights of ``t5vh_encoder.onnx.data``.
 
+Both packed graphs hold each feed-forward output matrix as ``FF_BLOCKS`` blocks
+of its rows (``name[start:end]``: stretches of the same ``.data`` bytes, listed in
+the graph's ``t5vh_row_blocks`` metadata for a weight refresh), one Gemm each.
+
 Weights live in ``<graph>.data`` beside each graph (onnxruntime memory-maps
 them); the embedding and the relative-position tables stay in NumPy files the
 runtime reads.
@@ -33,6 +37,7 @@ runtime reads.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Dict, List
 
@@ -40,17 +45,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..weights import ModelSpec, sublayer_of
+from ..weights import ROW_BLOCKS_KEY, ModelSpec, block_edges, row_block_name, sublayer_of
 
 OPSET = 17
 QUANTIZED_OPSET = 21  # int8 graphs: QuantizeLinear with one scale per row (blocked quantization)
 ENCODER_GRAPH = "t5vh_encoder.onnx"
 DECODER_GRAPH = "t5vh_decoder.onnx"
-# The packed decoder's feed-forward layers run in this many slices of the hidden width (``Builder.feed_forward``):
-# the same sum in the same order (onnxruntime accumulates each slice onto the residual in its Gemm), and at a
-# thousand positions ~10% faster than one K = 2048 MatMul. Not the packed encoder: onnxruntime folds the
-# weights' slices into copies when a session starts, and the encoder's starts in every sampling process,
-# whose peak memory that briefly raised by ~30 MB at t5-small size; the packed decoder's starts only to score.
+# The packed graphs' feed-forward output matrices, in this many blocks of rows (``Builder.feed_forward``)
 FF_BLOCKS = 4
 ALIGN = 64  # bytes: each weight starts at a multiple of this in the .data file
 
@@ -82,7 +83,7 @@ class Builder:
 
     def __init__(self, name: str, weights: Dict[str, np.ndarray], spec: ModelSpec):
         self.name = name
-        self.weights = weights
+        self.weights = dict(weights)  # row blocks are added (``feed_forward``), not to the caller's dict
         self.spec = spec
         self.types = sublayer_types(weights)
         self.nodes: List[onnx.NodeProto] = []
@@ -96,6 +97,7 @@ class Builder:
         self._zeros: Dict[str, str] = {}
         self._nonnegative: set = set()  # values known to be >= 0 (ReLU outputs)
         self._masks: Dict[str, str] = {}  # int32 key masks -> their additive forms (grid_attention)
+        self.row_blocks: Dict[str, List[int]] = {}  # matrix -> the edges of its row blocks (``feed_forward``)
 
     def input(self, name: str, dtype, dims) -> str:
         self.inputs.append(helper.make_tensor_value_info(name, dtype, dims))
@@ -176,22 +178,25 @@ class Builder:
     def feed_forward(self, x: str, prefix: str, *, blocks: int = 1) -> str:
         """The residual stream after ``prefix``'s feed-forward sublayer.
 
-        ``blocks`` > 1 (fp32 only) cuts the hidden layer into that many slices, each its own two MatMuls
-        on slices of the same weights (``Slice`` nodes onnxruntime folds when the session starts),
-        added to the stream one after another: the same sum in another order."""
+        ``blocks`` > 1 (fp32 only): the hidden layer is split into that many parts, each multiplied by
+        its rows of the output matrix (``row_blocks``: the same bytes of the ``.data`` file, no copy)
+        and added to the stream one after another. onnxruntime fuses each product with its add into a
+        Gemm that accumulates onto the stream, so the sum is the one-MatMul sum in the same order, but at
+        a thousand positions four K = 512 products run ~10% faster than one K = 2048."""
         kind = self.types[f"{prefix}.ff"]
         h = self.cast(self.norm(x, f"{prefix}.ff_norm"), kind)
         inner = [f"{prefix}.ff_wi_0", f"{prefix}.ff_wi_1"] if self.spec.gated else [f"{prefix}.ff_wi"]
-        if blocks == 1 or kind != "fp32" or f"{prefix}.ff_wo.scale" in self.weights:
-            hidden = self._ff_hidden(h, [self.linear(h, w) for w in inner])
-            return self.node("Add", [x, self.to_fp32(self.linear(hidden, f"{prefix}.ff_wo"), kind)])
-        edges = np.linspace(0, self.weights[f"{prefix}.ff_wo"].shape[0], blocks + 1).astype(np.int64)
-        for start, end in zip(edges[:-1], edges[1:]):
-            cut = [self.const([start]), self.const([end])]
-            inner_j = [self.node("Slice", [self.weight(w), *cut, self.const([1])]) for w in inner]
-            outer_j = self.node("Slice", [self.weight(f"{prefix}.ff_wo"), *cut, self.const([0])])
-            hidden = self._ff_hidden(h, [self.node("MatMul", [h, w]) for w in inner_j])
-            x = self.node("Add", [x, self.node("MatMul", [hidden, outer_j])])
+        hidden = self._ff_hidden(h, [self.linear(h, w) for w in inner])
+        outer = f"{prefix}.ff_wo"
+        if blocks == 1 or kind != "fp32" or f"{outer}.scale" in self.weights:
+            return self.node("Add", [x, self.to_fp32(self.linear(hidden, outer), kind)])
+        edges = block_edges(self.weights[outer].shape[0], blocks)
+        self.row_blocks[outer] = edges
+        parts = self.node("Split", [hidden, self.const(np.diff(edges))], axis=-1, outputs=blocks)
+        for part, start, end in zip(parts, edges[:-1], edges[1:]):
+            name = row_block_name(outer, start, end)
+            self.weights[name] = self.weights[outer][start:end]
+            x = self.node("Add", [x, self.node("MatMul", [part, self.weight(name)])])
         return x
 
     def _ff_hidden(self, h: str, projected: List[str]) -> str:
@@ -313,6 +318,8 @@ class Builder:
             producer_name="t5vh_fast",
         )
         model.ir_version = 10 if self._quantized else 9  # opset 21 needs IR 10
+        if self.row_blocks:  # what a weight refresh needs to name them (``weights.with_row_blocks``)
+            helper.set_model_props(model, {ROW_BLOCKS_KEY: json.dumps(self.row_blocks)})
         return model
 
 
@@ -417,8 +424,8 @@ def packed_decoder_graph(spec: ModelSpec, weights: Dict[str, np.ndarray]) -> Bui
     the P positions). Outputs ``logits`` (M x V) and ``value`` (M). Only attention sees the grid: q, k, v
     are scattered into it, split into heads (zeros elsewhere, which causality hides from every active
     position), and the result gathered back; the projections, norms and feed-forward layers run on the
-    P positions, the feed-forward layers in ``FF_BLOCKS`` slices. Its weights are the decoder graph's, read from
-    that graph's ``.data`` file (``save_beside``).
+    P positions. Its weights are the decoder graph's, read from that graph's ``.data`` file (``save_beside``),
+    the feed-forward output matrices as ``FF_BLOCKS`` blocks of rows.
     """
     b = Builder("t5vh_decoder_packed", weights, spec)
     H, dkv = spec.num_heads, spec.d_kv
@@ -462,7 +469,8 @@ def packed_encoder_graph(spec: ModelSpec, weights: Dict[str, np.ndarray]) -> Bui
     norms and feed-forward layers run on those P positions, attention on the B x S grid (q, k, v
     scattered into it, split into heads, zeros at the padding, which the mask hides as keys). Outputs
     the cross K/V of the encoder graph (B x H x S x d), zeros at the padding. Its weights are the
-    encoder graph's, read from that graph's ``.data`` file (``save_beside``)."""
+    encoder graph's, read from that graph's ``.data`` file (``save_beside``), the feed-forward output
+    matrices as ``FF_BLOCKS`` blocks of rows."""
     b = Builder("t5vh_encoder_packed", weights, spec)
     x = b.input("inputs_embeds", TensorProto.FLOAT, ["positions", spec.d_model])
     active = b.input("active", TensorProto.INT64, ["positions"])
@@ -476,7 +484,7 @@ def packed_encoder_graph(spec: ModelSpec, weights: Dict[str, np.ndarray]) -> Bui
         q, k, v = (b.cast(b.to_grid(b.to_fp32(b.linear(h, f"{p}.attn_{w}"), kind), grid), kind) for w in "qkv")
         a = b.from_grid(b.grid_attention(q, k, v, bias=b.cast(bias, kind), mask=mask, kind=kind), grid)
         x = b.node("Add", [x, b.to_fp32(b.linear(a, f"{p}.attn_o"), kind)])
-        x = b.feed_forward(x, p)  # not in slices: see FF_BLOCKS
+        x = b.feed_forward(x, p, blocks=FF_BLOCKS)
     hidden = b.norm(x, "encoder.final_norm")
     for i in range(spec.decoder_layers):
         kind = b.types[f"decoder.{i}.cross"]
@@ -513,10 +521,23 @@ def save_beside(builder: Builder, path: Path, graph: Path) -> List[str]:
     """Write ``path``, a graph whose weights are all stored in ``graph``'s ``.data`` file already (the
     same tensors under the same names); returns the one file name."""
     stored = onnx.load(str(graph), load_external_data=False).graph.initializer
-    places = {t.name: t.external_data for t in stored if t.data_location == TensorProto.EXTERNAL}
+    places = {
+        t.name: {e.key: e.value for e in t.external_data} for t in stored if t.data_location == TensorProto.EXTERNAL
+    }
+    for matrix, edges in builder.row_blocks.items():  # a block of rows is a stretch of its matrix's bytes
+        row = builder.weights[matrix][:1].nbytes
+        for start, end in zip(edges[:-1], edges[1:]):
+            offset = int(places[matrix]["offset"]) + start * row
+            places[row_block_name(matrix, start, end)] = {
+                **places[matrix],
+                "offset": str(offset),
+                "length": str((end - start) * row),
+            }
     model = builder.model()
     for tensor in model.graph.initializer:
         if tensor.data_location == TensorProto.EXTERNAL:
-            tensor.external_data.extend(places[tensor.name])
+            for key, value in places[tensor.name].items():
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
     onnx.save(model, str(path))
     return [path.name]
