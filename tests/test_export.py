@@ -152,16 +152,17 @@ def test_check_catches_a_wrong_encoder(tiny_dir, tiny_export):
 
 
 @pytest.mark.parametrize("gated", [False, True])
-@pytest.mark.parametrize("blocks", [1, 3])
-def test_feed_forward_in_slices_is_the_same_layer(tmp_path, tiny_dir, gated, blocks):
-    """The packed graphs' feed-forward layer with its output matrix in blocks of rows (here 10 rows in 3
-    uneven blocks) computes the layer: the residual plus the sublayer, for the plain and the gated form."""
+@pytest.mark.parametrize("blocks, d_ff, edges", [(1, 10, None), (3, 10, [0, 3, 6, 10]), (4, 3, [0, 1, 2, 3])])
+def test_feed_forward_in_slices_is_the_same_layer(tmp_path, tiny_dir, gated, blocks, d_ff, edges):
+    """The packed graphs' feed-forward layer with its output matrix in blocks of rows (10 rows in 3 uneven
+    blocks; 3 rows asked for in 4, given 3 of one row) computes the layer: the residual plus the sublayer,
+    for the plain and the gated form."""
     spec = ModelSpec.from_config(json.loads((tiny_dir / "config.json").read_text()))
-    spec = dataclasses.replace(spec, d_model=8, d_ff=10, gated=gated, activation="gelu_new" if gated else "relu")
+    spec = dataclasses.replace(spec, d_model=8, d_ff=d_ff, gated=gated, activation="gelu_new" if gated else "relu")
     rng = np.random.default_rng(3)
     names = ["ff_wi_0", "ff_wi_1"] if gated else ["ff_wi"]
-    weights = {f"encoder.0.{n}": rng.standard_normal((8, 10)).astype(np.float32) for n in names}
-    weights["encoder.0.ff_wo"] = rng.standard_normal((10, 8)).astype(np.float32)
+    weights = {f"encoder.0.{n}": rng.standard_normal((8, d_ff)).astype(np.float32) for n in names}
+    weights["encoder.0.ff_wo"] = rng.standard_normal((d_ff, 8)).astype(np.float32)
     weights["encoder.0.ff_norm"] = rng.uniform(0.5, 1.5, 8).astype(np.float32)
     b = Builder("ff", weights, spec)
     b.output(
@@ -171,7 +172,10 @@ def test_feed_forward_in_slices_is_the_same_layer(tmp_path, tiny_dir, gated, blo
         ["n", 8],
     )
     save(b, tmp_path / "ff.onnx")
-    assert b.row_blocks == ({} if blocks == 1 else {"encoder.0.ff_wo": [0, 3, 6, 10]})
+    assert b.row_blocks == ({} if edges is None else {"encoder.0.ff_wo": edges})
+    assert sorted(name for name in b.used if "ff_wo" in name) == (
+        ["encoder.0.ff_wo"] if edges is None else sorted(f"encoder.0.ff_wo[{a}:{z}]" for a, z in zip(edges, edges[1:]))
+    )
     session = ort.InferenceSession(str(tmp_path / "ff.onnx"), providers=["CPUExecutionProvider"])
     x = rng.standard_normal((5, 8)).astype(np.float32)
     h = (x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + spec.eps)) * weights["encoder.0.ff_norm"]

@@ -188,6 +188,7 @@ class Builder:
         inner = [f"{prefix}.ff_wi_0", f"{prefix}.ff_wi_1"] if self.spec.gated else [f"{prefix}.ff_wi"]
         hidden = self._ff_hidden(h, [self.linear(h, w) for w in inner])
         outer = f"{prefix}.ff_wo"
+        blocks = min(blocks, self.weights[outer].shape[0])  # never an empty block
         if blocks == 1 or kind != "fp32" or f"{outer}.scale" in self.weights:
             return self.node("Add", [x, self.to_fp32(self.linear(hidden, outer), kind)])
         edges = block_edges(self.weights[outer].shape[0], blocks)
