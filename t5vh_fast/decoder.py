@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import itertools
 import json
 import os
 import threading
@@ -417,11 +418,6 @@ class SingleDecoder(OnnxDecoder):
         self._packed = self._lazy(PACKED_GRAPH) if packed and self.device == "cpu" else None
         self._table = None  # the embedding on the device, for the lookup graph: copied there at its first use
         self._logits = threading.local()  # packed_scores' logits block (.block), kept between calls
-        # the scorer graph's P x V temporaries go back to the device when its run ends: an arena keeps what it
-        # grew to (GBs for a large scoring call), and a PPO process's torch needs that memory
-        self._give_back: Optional[ort.RunOptions] = ort.RunOptions()
-        where = f"gpu:{self.device_id}" if self.device == "cuda" else "cpu:0"
-        self._give_back.add_run_config_entry("memory.enable_memory_arena_shrinkage", where)
         if self.device == "cuda":  # a GPU's batches look up thousands of rows a call; its host has the RAM
             self.host["embedding"].keep_in_memory()
 
@@ -621,23 +617,24 @@ class SingleDecoder(OnnxDecoder):
     def score_step(self, state, tokens, select, chosen):
         """One decoder call for scoring whose log-softmax runs on the device (``scoring`` does it on the
         host otherwise): ``(log-probs of the chosen ids, values, entropies)`` of the ``select``-ed
-        positions; only these come back to the host, not the P x V logits. Call when ``scores_on_device``."""
+        positions; only these come back to the host, not the P x V logits. Call when ``scores_on_device``.
+
+        The scorer graph runs on at most ``SCORER_BYTES`` of the logits at a time, bound where they lie:
+        its temporaries (about two such pieces), which its arena keeps, stay that size whatever P is."""
         _, values, state = self.step(state, tokens, select, logits_on_device=True)
+        logits, count = state.io.logits, len(chosen)
+        chosen = np.ascontiguousarray(chosen, dtype=np.int64)
+        logprobs, entropy = np.empty(count, dtype=np.float32), np.empty(count, dtype=np.float32)
+        runs = -(-count * 4 * self._vocab // SCORER_BYTES)  # pieces of even size: one shape for its arena
         binding = self._scorer.io_binding()
-        binding.bind_ortvalue_input("logits", state.io.logits)
-        binding.bind_cpu_input("token", np.ascontiguousarray(chosen, dtype=np.int64))
-        for name in ("logprob", "entropy"):
-            binding.bind_output(name, "cpu")
-        try:
-            self._scorer.run_with_iobinding(binding, self._give_back)
-        except Exception as exc:  # onnxruntime's failures are not all RuntimeError
-            if self._give_back is None or "arena shrink" not in str(exc):
-                raise
-            # refused before the run started (no arena on that device): run as is, the memory stays held
-            warnings.warn(f"the scorer graph's memory stays held on the device ({exc})", stacklevel=2)
-            self._give_back = None
+        for start, stop in itertools.pairwise(count * i // runs for i in range(runs + 1)):
+            where = logits.data_ptr() + start * self._vocab * 4
+            binding.bind_input("logits", self.device, self.device_id, np.float32, [stop - start, self._vocab], where)
+            binding.bind_cpu_input("token", chosen[start:stop])
+            for name in ("logprob", "entropy"):
+                binding.bind_output(name, "cpu")
             self._scorer.run_with_iobinding(binding)
-        logprobs, entropy = binding.copy_outputs_to_cpu()
+            logprobs[start:stop], entropy[start:stop] = binding.copy_outputs_to_cpu()
         return logprobs, values, entropy
 
     @property
@@ -785,6 +782,7 @@ def load_host_tables(root: Path) -> Dict[str, np.ndarray]:
     return tables
 
 
+SCORER_BYTES = 512 * 2**20  # logits the scorer graph takes per run: its arena keeps about twice this
 FEW_ROWS = 64  # up to this many ids (a sampling step's batch) a lookup reads them as asked, repeats included
 
 

@@ -17,6 +17,7 @@ import torch
 from click.testing import CliRunner
 
 import t5vh_fast
+from t5vh_fast import decoder as decoder_module
 from t5vh_fast import scoring
 from t5vh_fast.cli import score_command
 from t5vh_fast.job import score_rows
@@ -676,7 +677,6 @@ def test_the_device_lookup_path_gives_the_host_numbers(tiny_export, monkeypatch)
     with new weights is copied to the device again."""
     import onnxruntime as ort
 
-    from t5vh_fast import decoder as decoder_module
     from t5vh_fast.manifest import LOOKUP_GRAPH
 
     host, device = t5vh_fast.load(tiny_export, providers="cpu"), t5vh_fast.load(tiny_export, providers="cpu")
@@ -716,27 +716,35 @@ def test_the_device_lookup_path_gives_the_host_numbers(tiny_export, monkeypatch)
     np.testing.assert_array_equal(device.decoder.embed(tokens).numpy(), table[tokens])  # the old one unchanged
 
 
-def test_the_scorer_graph_gives_its_memory_back_or_says_it_cannot(tiny_export):
-    """The scorer graph runs with onnxruntime's arena shrinkage for its device (its P x V temporaries are
-    not kept); where onnxruntime refuses that setting, scoring warns once and runs without it."""
-    import onnxruntime as ort
-
-    policy = _with_device_scoring(tiny_export)
+def test_the_scorer_graph_runs_on_bounded_pieces_of_the_logits(tiny_export, monkeypatch):
+    """The scorer graph takes the device logits SCORER_BYTES at a time, each piece bound where it lies (its
+    temporaries, which its arena keeps, stay that size): the same numbers as one piece and as the host."""
+    policy, host = _with_device_scoring(tiny_export), t5vh_fast.load(tiny_export, providers="cpu")
     ids, mask = mixed_queries(4, 256, seed=39)
     responses, resp_mask = t5vh_fast.pad_batch([[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]])
-    expected = policy.score(ids, responses, mask, resp_mask)  # the CPU's arena, shrunk after each run
-    assert policy.decoder._give_back is not None
-    refused = ort.RunOptions()
-    refused.add_run_config_entry("memory.enable_memory_arena_shrinkage", "gpu:7")  # no such arena here
-    policy.decoder._give_back = refused
-    with pytest.warns(UserWarning, match="memory stays held"):
-        got = policy.score(ids, responses, mask, resp_mask)
-    assert policy.decoder._give_back is None
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        again = policy.score(ids, responses, mask, resp_mask)
-    for scores in (got, again):
-        assert np.abs(scores.logprobs - expected.logprobs).max() <= tol(expected.logprobs)
+    resp_mask[2, 1] = 0
+    expected = host.score(ids, responses, mask, resp_mask)
+    scorer, sizes = policy.decoder._scorer, []
+
+    class Counting:
+        io_binding = scorer.io_binding
+
+        @staticmethod
+        def run_with_iobinding(binding, *args):
+            scorer.run_with_iobinding(binding, *args)
+            sizes.append(len(binding.copy_outputs_to_cpu()[0]))
+
+    policy.decoder._scorer = Counting
+    whole = policy.score(ids, responses, mask, resp_mask)
+    assert sizes == [int(resp_mask.sum())]
+    sizes.clear()
+    monkeypatch.setattr(decoder_module, "SCORER_BYTES", 4 * 4 * policy.decoder.packed_vocab)  # 4 positions a run
+    pieces = policy.score(ids, responses, mask, resp_mask)
+    assert sizes == [3, 3, 3]  # 9 scored positions, in 3 even pieces
+    for name in ("logprobs", "values", "entropy"):
+        ours, theirs = getattr(pieces, name), getattr(expected, name)
+        assert np.abs(ours - theirs).max() <= tol(theirs)
+        assert np.abs(ours - getattr(whole, name)).max() <= tol(theirs)
 
 
 # ---------------------------------------------------------------------- the packed decoder (CPU)
