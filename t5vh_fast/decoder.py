@@ -383,8 +383,8 @@ class SingleDecoder(OnnxDecoder):
         **kwargs,
     ):
         """``sampler`` / ``scorer`` / ``lookup``: the export lists ``t5vh_sampler.onnx`` /
-        ``t5vh_scorer.onnx`` / ``t5vh_lookup.onnx``; on CUDA unfiltered draws / the scorer's log-softmax /
-        large embedding lookups then run on the device. ``packed``: it lists ``t5vh_decoder_packed.onnx``,
+        ``t5vh_scorer.onnx`` / ``t5vh_lookup.onnx``; unfiltered draws then run in the sampler graph (on the
+        CPU too), and on CUDA the scorer's log-softmax and large embedding lookups on the device. ``packed``: it lists ``t5vh_decoder_packed.onnx``,
         which scores on the CPU (``packed_scores``; its session starts at the first call, so a process
         that only samples never holds its weights). ``packed_encoder``: it lists
         ``t5vh_encoder_packed.onnx``, which the CPU runs instead of the encoder graph: the same weights
@@ -412,7 +412,7 @@ class SingleDecoder(OnnxDecoder):
             check_cache_types(self.root, self.device, self._cache_types)
         self._encoder_bias, self._decoder_bias, self._positions = {}, {}, {}
         self._vocab = int(self.host["embedding"].shape[0])
-        self._sampler = self._device_graph(SAMPLER_GRAPH) if sampler else None
+        self._sampler = self._draw_graph() if sampler else None
         self._scorer = self._device_graph(SCORER_GRAPH) if scorer else None
         self._lookup = self._device_graph(LOOKUP_GRAPH) if lookup else None
         self._packed = self._lazy(PACKED_GRAPH) if packed and self.device == "cpu" else None
@@ -453,8 +453,8 @@ class SingleDecoder(OnnxDecoder):
 
     def _device_graph(self, name: str) -> Optional[ort.InferenceSession]:
         """The session of a small graph that does on the device what NumPy does on the host (the draw, the
-        scorer's log-softmax, the embedding lookup), or None where the host does it: on CUDA only (on the
-        CPU the graphs were no faster than NumPy, benchmarks/RESULTS.md), and on CUDA's own kernels, not
+        scorer's log-softmax, the embedding lookup), or None where the host does it: on CUDA only (the CPU
+        runs the sampler graph alone, ``_draw_graph``; it scores in the packed decoder), and on CUDA's own kernels, not
         TensorRT's (float64 CumSum); where it cannot start, the host does the work as before."""
         if CUDA not in self.providers:
             return None
@@ -464,9 +464,20 @@ class SingleDecoder(OnnxDecoder):
             warnings.warn(f"{name} did not start on CUDA ({exc}): its work runs on the host", stacklevel=3)
             return None
 
+    def _draw_graph(self) -> Optional[ort.InferenceSession]:
+        """The sampler graph's session: on CUDA one of the device graphs; on the CPU a one-thread session of
+        its own. There, too, it draws faster than NumPy inside the decode loop, whose passes over the
+        logits come right after a step has streamed the weights through the caches (the same draw took
+        0.17 ms after a 160 MB read against 0.04 warm): 6.50 against 6.77 ms a token at batch 1 (20
+        alternating rounds), 60.6 against 64.0 at batch 64 (benchmarks/RESULTS.md)."""
+        if CUDA in self.providers:
+            return self._device_graph(SAMPLER_GRAPH)
+        return make_session(self.root / SAMPLER_GRAPH, [CPU], 1)
+
     @property
     def samples_on_device(self) -> bool:
-        """Whether ``draw_step`` draws on the device (CUDA, and an export with the sampler graph)."""
+        """Whether ``draw_step`` draws in the sampler graph, where the logits are (an export with it; not
+        when CUDA could not start it)."""
         return self._sampler is not None
 
     @property
@@ -596,9 +607,9 @@ class SingleDecoder(OnnxDecoder):
         return io.logits, io.values, new_state
 
     def draw_step(self, state, tokens, u):
-        """One decoder step whose next tokens are drawn on the device by the sampler graph (the RNG
+        """One decoder step whose next tokens are drawn by the sampler graph where the logits are (the RNG
         contract, as ``sampling.draw``): ``(tokens, log-probs, log-sum-exps, values, new state)``, all R
-        long; only these come back to the host, not the R x V logits. Call when ``samples_on_device``."""
+        long; on CUDA only these come back to the host, not the R x V logits. Call when ``samples_on_device``."""
         _, values, state = self.step(state, tokens, logits_on_device=True)
         binding = self._sampler.io_binding()
         binding.bind_ortvalue_input("logits", state.io.logits)

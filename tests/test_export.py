@@ -197,8 +197,8 @@ NEWER_GRAPHS = (SAMPLER_GRAPH, SCORER_GRAPH, LOOKUP_GRAPH, PACKED_GRAPH, PACKED_
 def test_single_layout_carries_the_newer_graphs_and_older_exports_work_without_them(
     tiny_export, tmp_path, monkeypatch, graph
 ):
-    """The single layout lists t5vh_sampler.onnx, t5vh_scorer.onnx and t5vh_lookup.onnx (the draw, the
-    scorer's log-softmax and the embedding lookup CUDA runs; the CPU does not load them) and
+    """The single layout lists t5vh_sampler.onnx, t5vh_scorer.onnx and t5vh_lookup.onnx (the draw, which
+    the CPU runs too, and the scorer's log-softmax and the embedding lookup CUDA runs) and
     t5vh_decoder_packed.onnx and t5vh_encoder_packed.onnx (scoring, and the encoder, on the CPU), and load()
     hands them to the decoder; an export made
     before one existed loads without it, samples the same tokens and scores the same numbers."""
@@ -220,7 +220,7 @@ def test_single_layout_carries_the_newer_graphs_and_older_exports_work_without_t
     manifest = json.loads((tiny_export / MANIFEST_NAME).read_text())
     assert graph in manifest["layouts"]["single"] and graph in manifest["files"]
     policy = t5vh_fast.load(tiny_export, providers="cpu")
-    assert not policy.decoder.samples_on_device and not policy.decoder.scores_on_device
+    assert policy.decoder.samples_on_device and not policy.decoder.scores_on_device
     assert policy.decoder.scores_packed and policy.decoder.encodes_packed
     old = tmp_path / "before-the-graph"
     shutil.copytree(tiny_export, old)
@@ -235,7 +235,8 @@ def test_single_layout_carries_the_newer_graphs_and_older_exports_work_without_t
     np.testing.assert_array_equal(a.tokens, b.tokens)
     scored = policy.score(ids, a.tokens, mask).logprobs
     assert np.abs(older.score(ids, a.tokens, mask).logprobs - scored).max() <= tol(scored)
-    # listed: the decoder may use it on CUDA; not listed: never read
+    # listed: the decoder may use it; not listed: never read
+    assert older.decoder.samples_on_device == (graph != SAMPLER_GRAPH)
     assert older.decoder.scores_packed == (graph != PACKED_GRAPH)
     assert older.decoder.encodes_packed == (graph != PACKED_ENCODER_GRAPH)
     assert asked == [(True,) * 5, tuple(graph != name for name in NEWER_GRAPHS)]

@@ -487,7 +487,7 @@ def test_a_failure_while_sampling_on_the_gpu_is_one_provider_error(tiny_export):
     policy.decoder.providers = [CUDA, CPU]  # as if it ran on CUDA (where score() takes decoder steps)
     policy.decoder._packed = None
 
-    def step(state, tokens, select=None):
+    def step(state, tokens, select=None, **options):
         raise ort_state.Fail("[ONNXRuntimeError] : 1 : FAIL : CUDA failure 2: out of memory")
 
     policy.decoder.step = step

@@ -241,8 +241,10 @@ def test_callback_sees_every_step(policy):
 def test_a_rollout_writes_every_step_into_the_same_arrays(tiny_export, monkeypatch):
     """The default layout's steps write their logits into one array and the sampler its exp weights into
     another (no fresh B x V block per step: 8 MB each at t5-small size and batch 64), and the numbers
-    are those of fresh arrays every step."""
+    are those of fresh arrays every step. The NumPy draw's path (filtered sampling, an export without
+    the sampler graph)."""
     policy = t5vh_fast.load(tiny_export, providers="cpu")
+    policy.decoder._sampler = None
     ids, mask = mixed_queries(5, 256, seed=3)
     step, exp_weights = policy.decoder.step, rollout_module.exp_weights
     seen = {"logits": [], "weights": []}
@@ -396,8 +398,8 @@ LAYOUT_FILES = {
         "t5vh_decoder.onnx.data",
         "t5vh_embedding.npy",
         "t5vh_tables.npz",
-        "t5vh_sampler.onnx",  # read on CUDA only; an export without it (older) samples on the host
-        "t5vh_scorer.onnx",  # the same for the scorer's log-softmax
+        "t5vh_sampler.onnx",  # the draw; an export without it (older) samples in NumPy
+        "t5vh_scorer.onnx",  # read on CUDA only, the same for the scorer's log-softmax
         "t5vh_lookup.onnx",  # and for the embedding lookup
         "t5vh_decoder_packed.onnx",  # scoring on the CPU; its weights are t5vh_decoder.onnx.data's
         "t5vh_encoder_packed.onnx",  # the encoder on the CPU; its weights are t5vh_encoder.onnx.data's
@@ -497,7 +499,8 @@ def test_load_refuses_any_file_of_its_layout_the_manifest_does_not_vouch_for(
                 if name in newer and name not in listing["layouts"]["single"]:
                     # an export made before that graph: the file is ignored, not read
                     policy = t5vh_fast.load(export_copy, providers="cpu", decoder=layout, verify=verify)
-                    assert not policy.decoder.samples_on_device and not policy.decoder.scores_on_device
+                    assert policy.decoder.samples_on_device == (name != "t5vh_sampler.onnx")
+                    assert not policy.decoder.scores_on_device
                     assert policy.decoder.scores_packed == (name != "t5vh_decoder_packed.onnx")
                     assert policy.decoder.encodes_packed == (name != "t5vh_encoder_packed.onnx")
                     continue

@@ -166,20 +166,16 @@ def test_sampler_graph_flags_the_float64_edge_or_gets_it_right():
 
 
 def _with_device_draw(export_dir):
-    """A CPU policy whose decoder runs the GPU path: logits kept in an OrtValue, the sampler graph drawing."""
-    import onnxruntime as ort
-
+    """A CPU policy as load() makes it: the sampler graph draws (draw_step, what CUDA runs too)."""
     import t5vh_fast
-    from t5vh_fast.manifest import SAMPLER_GRAPH
 
     policy = t5vh_fast.load(export_dir, providers="cpu")
-    policy.decoder._sampler = ort.InferenceSession(str(export_dir / SAMPLER_GRAPH), providers=["CPUExecutionProvider"])
     assert policy.decoder.samples_on_device
     return policy
 
 
 def test_the_device_draw_path_gives_the_host_rollout(tiny_export, perturbed_dir):
-    """respond_to_batch through draw_step (what CUDA runs), here on the CPU provider: the same tokens,
+    """respond_to_batch through draw_step (the default on the CPU, and what CUDA runs): the same tokens,
     log-probs and values as the NumPy path, with a seed, given uniforms, several samples per query and
     after a weight refresh; filtering stays on the host."""
     import t5vh_fast
@@ -188,6 +184,7 @@ def test_the_device_draw_path_gives_the_host_rollout(tiny_export, perturbed_dir)
     from .conftest import mixed_queries
 
     host = t5vh_fast.load(tiny_export, providers="cpu")
+    host.decoder._sampler = None  # the NumPy draw, as on an export without t5vh_sampler.onnx
     device = _with_device_draw(tiny_export)
     ids, mask = mixed_queries(32, 256, seed=12)
     cases = ({"seed": 3}, {"uniforms": np.random.default_rng(4).random((32, 9))}, {"seed": 5, "top_p": 0.8})
@@ -196,7 +193,7 @@ def test_the_device_draw_path_gives_the_host_rollout(tiny_export, perturbed_dir)
             moved = load_reference(perturbed_dir)
             host.update_weights(moved)
             device.update_weights(moved)
-            assert device.decoder.samples_on_device
+            assert device.decoder.samples_on_device and not host.decoder.samples_on_device
         for kwargs in (*cases, {"seed": 7, "num_samples": 3}):
             a = device.respond_to_batch(ids, mask, txt_len=9, **kwargs)
             b = host.respond_to_batch(ids, mask, txt_len=9, **kwargs)
