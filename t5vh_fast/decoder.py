@@ -384,7 +384,7 @@ class SingleDecoder(OnnxDecoder):
     ):
         """``sampler`` / ``scorer`` / ``lookup``: the export lists ``t5vh_sampler.onnx`` /
         ``t5vh_scorer.onnx`` / ``t5vh_lookup.onnx``; unfiltered draws then run in the sampler graph (on the
-        CPU too), and on CUDA the scorer's log-softmax and large embedding lookups on the device. ``packed``: it lists ``t5vh_decoder_packed.onnx``,
+        CPU, small batches), and on CUDA the scorer's log-softmax and large embedding lookups on the device. ``packed``: it lists ``t5vh_decoder_packed.onnx``,
         which scores on the CPU (``packed_scores``; its session starts at the first call, so a process
         that only samples never holds its weights). ``packed_encoder``: it lists
         ``t5vh_encoder_packed.onnx``, which the CPU runs instead of the encoder graph: the same weights
@@ -466,19 +466,25 @@ class SingleDecoder(OnnxDecoder):
 
     def _draw_graph(self) -> Optional[ort.InferenceSession]:
         """The sampler graph's session: on CUDA one of the device graphs; on the CPU a one-thread session of
-        its own. There, too, it draws faster than NumPy inside the decode loop, whose passes over the
-        logits come right after a step has streamed the weights through the caches (the same draw took
-        0.17 ms after a 160 MB read against 0.04 warm): 6.50 against 6.77 ms a token at batch 1 (20
-        alternating rounds), 60.6 against 64.0 at batch 64 (benchmarks/RESULTS.md)."""
+        its own, for small batches (``draws_in_graph``)."""
         if CUDA in self.providers:
             return self._device_graph(SAMPLER_GRAPH)
         return make_session(self.root / SAMPLER_GRAPH, [CPU], 1)
 
     @property
     def samples_on_device(self) -> bool:
-        """Whether ``draw_step`` draws in the sampler graph, where the logits are (an export with it; not
-        when CUDA could not start it)."""
+        """Whether ``draw_step`` can draw in the sampler graph, where the logits are (an export with it;
+        not when CUDA could not start it)."""
         return self._sampler is not None
+
+    def draws_in_graph(self, rows: int) -> bool:
+        """Whether a step of ``rows`` rows draws in the sampler graph (``draw_step``): always on CUDA; on
+        the CPU up to ``GRAPH_DRAW_ROWS`` rows. At batch 1 the graph draws faster than NumPy inside the
+        decode loop, whose passes over the logits come right after a step has streamed the weights
+        through the caches (the same exp pass took 0.17 ms after a 160 MB read against 0.04 warm): 6.50
+        against 6.77 ms a token (20 alternating rounds). At 64 rows it was ~5% faster too, but its
+        float64 copies of the R x V weights raised the rollout's peak RSS by 91 MB (benchmarks/RESULTS.md)."""
+        return self._sampler is not None and (self.device != "cpu" or rows <= GRAPH_DRAW_ROWS)
 
     @property
     def scores_on_device(self) -> bool:
@@ -793,6 +799,7 @@ def load_host_tables(root: Path) -> Dict[str, np.ndarray]:
     return tables
 
 
+GRAPH_DRAW_ROWS = 4  # the CPU's draws in the sampler graph, up to this many rows a step (draws_in_graph)
 SCORER_BYTES = 512 * 2**20  # logits the scorer graph takes per run: its arena keeps about twice this
 FEW_ROWS = 64  # up to this many ids (a sampling step's batch) a lookup reads them as asked, repeats included
 

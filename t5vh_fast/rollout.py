@@ -43,7 +43,8 @@ def respond(
     u = check_uniforms(uniforms, ids.shape[0], txt_len, num_samples)
     rng = np.random.Generator(np.random.PCG64(seed)) if u is None else None
     filtering = top_k > 0 or top_p < 1.0
-    on_device = not filtering and getattr(decoder, "samples_on_device", False)  # the sampler graph draws
+    in_graph = getattr(decoder, "draws_in_graph", None)
+    on_device = not filtering and in_graph is not None and in_graph(batch)  # the sampler graph draws
 
     tokens = np.empty((batch, txt_len), dtype=np.int64)
     logprobs = np.empty((batch, txt_len), dtype=np.float32)

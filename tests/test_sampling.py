@@ -165,17 +165,48 @@ def test_sampler_graph_flags_the_float64_edge_or_gets_it_right():
     assert np.isfinite(lse[0]) and np.isnan(lse[1])
 
 
-def _with_device_draw(export_dir):
-    """A CPU policy as load() makes it: the sampler graph draws (draw_step, what CUDA runs too)."""
+def _with_device_draw(export_dir, monkeypatch):
+    """A CPU policy as load() makes it, its sampler graph drawing for every batch (draw_step: what CUDA
+    runs; the CPU's default for a few rows)."""
     import t5vh_fast
+    from t5vh_fast import decoder as decoder_module
 
+    monkeypatch.setattr(decoder_module, "GRAPH_DRAW_ROWS", 10**6)
     policy = t5vh_fast.load(export_dir, providers="cpu")
     assert policy.decoder.samples_on_device
     return policy
 
 
-def test_the_device_draw_path_gives_the_host_rollout(tiny_export, perturbed_dir):
-    """respond_to_batch through draw_step (the default on the CPU, and what CUDA runs): the same tokens,
+def test_the_cpu_draws_small_batches_in_the_sampler_graph(tiny_export, monkeypatch):
+    """On the CPU the sampler graph draws a step of up to GRAPH_DRAW_ROWS rows (unfiltered); larger
+    batches and filtered draws are NumPy's. Both give the tokens of the NumPy draw."""
+    import t5vh_fast
+    from t5vh_fast import decoder as decoder_module
+
+    from .conftest import mixed_queries
+
+    policy, host = t5vh_fast.load(tiny_export, providers="cpu"), t5vh_fast.load(tiny_export, providers="cpu")
+    host.decoder._sampler = None
+    draws = []
+    draw_step = type(policy.decoder).draw_step
+    monkeypatch.setattr(
+        type(policy.decoder),
+        "draw_step",
+        lambda self, state, tokens, u: draws.append(len(u)) or draw_step(self, state, tokens, u),
+    )
+    limit = decoder_module.GRAPH_DRAW_ROWS
+    for rows, options in ((1, {}), (limit, {}), (limit + 1, {}), (limit, {"top_k": 5})):
+        ids, mask = mixed_queries(rows, 256, seed=rows)
+        draws.clear()
+        a = policy.respond_to_batch(ids, mask, txt_len=7, seed=rows, **options)
+        b = host.respond_to_batch(ids, mask, txt_len=7, seed=rows, **options)
+        assert draws == ([rows] * 7 if rows <= limit and not options else [])
+        assert (a.tokens == b.tokens).mean() >= 0.999
+        assert np.abs(a.logprobs - b.logprobs).max() <= 1e-5
+
+
+def test_the_device_draw_path_gives_the_host_rollout(tiny_export, perturbed_dir, monkeypatch):
+    """respond_to_batch through draw_step (what CUDA runs, and the CPU for a few rows): the same tokens,
     log-probs and values as the NumPy path, with a seed, given uniforms, several samples per query and
     after a weight refresh; filtering stays on the host."""
     import t5vh_fast
@@ -185,7 +216,7 @@ def test_the_device_draw_path_gives_the_host_rollout(tiny_export, perturbed_dir)
 
     host = t5vh_fast.load(tiny_export, providers="cpu")
     host.decoder._sampler = None  # the NumPy draw, as on an export without t5vh_sampler.onnx
-    device = _with_device_draw(tiny_export)
+    device = _with_device_draw(tiny_export, monkeypatch)
     ids, mask = mixed_queries(32, 256, seed=12)
     cases = ({"seed": 3}, {"uniforms": np.random.default_rng(4).random((32, 9))}, {"seed": 5, "top_p": 0.8})
     for refreshed in (False, True):
@@ -204,7 +235,7 @@ def test_the_device_draw_path_gives_the_host_rollout(tiny_export, perturbed_dir)
 
 def test_a_lost_device_draw_is_drawn_again_on_the_host(tiny_export, monkeypatch):
     """Rows the sampler graph flags ``lost`` are drawn by NumPy from the logits left on the device."""
-    policy = _with_device_draw(tiny_export)
+    policy = _with_device_draw(tiny_export, monkeypatch)
     decoder, session = policy.decoder, policy.decoder._sampler
 
     class Flagging:
@@ -222,7 +253,7 @@ def test_a_lost_device_draw_is_drawn_again_on_the_host(tiny_export, monkeypatch)
     from .conftest import mixed_queries
 
     ids, mask = mixed_queries(16, 256, seed=13)
-    expected = _with_device_draw(tiny_export).respond_to_batch(ids, mask, txt_len=5, seed=6)
+    expected = _with_device_draw(tiny_export, monkeypatch).respond_to_batch(ids, mask, txt_len=5, seed=6)
     monkeypatch.setattr(decoder, "_sampler", Flagging())
     got = policy.respond_to_batch(ids, mask, txt_len=5, seed=6)
     np.testing.assert_array_equal(got.tokens, expected.tokens)
