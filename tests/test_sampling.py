@@ -194,15 +194,19 @@ def test_the_cpu_draws_small_batches_in_the_sampler_graph(tiny_export, monkeypat
         "draw_step",
         lambda self, state, tokens, u: draws.append(len(u)) or draw_step(self, state, tokens, u),
     )
-    limit = decoder_module.GRAPH_DRAW_ROWS
+    limit, split = decoder_module.GRAPH_DRAW_ROWS, 0
     for rows, options in ((1, {}), (limit, {}), (limit + 1, {}), (limit, {"top_k": 5})):
         ids, mask = mixed_queries(rows, 256, seed=rows)
         draws.clear()
         a = policy.respond_to_batch(ids, mask, txt_len=7, seed=rows, **options)
         b = host.respond_to_batch(ids, mask, txt_len=7, seed=rows, **options)
         assert draws == ([rows] * 7 if rows <= limit and not options else [])
-        assert (a.tokens == b.tokens).mean() >= 0.999
-        assert np.abs(a.logprobs - b.logprobs).max() <= 1e-5
+        # onnxruntime's exp and NumPy's are two computations: a near-tie may split a row, after which it
+        # is another rollout; up to the split the log-probs agree
+        same = np.cumprod(a.tokens == b.tokens, axis=1).astype(bool)
+        split += int((~same).any(axis=1).sum())
+        assert np.abs(a.logprobs - b.logprobs)[same].max() <= 1e-5
+    assert split <= 1  # of 14 rows
 
 
 def test_the_device_draw_path_gives_the_host_rollout(tiny_export, perturbed_dir, monkeypatch):
