@@ -24,7 +24,7 @@ import os
 import threading
 import warnings
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -98,6 +98,8 @@ class StepIO:
     values: np.ndarray
     # the positions already in the cache, in NumPy's memory bound on the host: set, not re-bound, each step
     past_length: np.ndarray
+    # ``draw_step``'s sampler binding with its u and outputs in NumPy's memory, made at its first step
+    draw: dict = field(default_factory=dict)
 
 
 def named_as(graph, weights: Optional[Dict[str, np.ndarray]]) -> Optional[Dict[str, np.ndarray]]:
@@ -617,13 +619,18 @@ class SingleDecoder(OnnxDecoder):
         contract, as ``sampling.draw``): ``(tokens, log-probs, log-sum-exps, values, new state)``, all R
         long; on CUDA only these come back to the host, not the R x V logits. Call when ``samples_on_device``."""
         _, values, state = self.step(state, tokens, logits_on_device=True)
-        binding = self._sampler.io_binding()
-        binding.bind_ortvalue_input("logits", state.io.logits)
-        binding.bind_cpu_input("u", np.ascontiguousarray(u, dtype=np.float64))
-        for name in ("token", "logprob", "lse", "lost"):
-            binding.bind_output(name, "cpu")
-        self._sampler.run_with_iobinding(binding)
-        token, logprob, lse, lost = binding.copy_outputs_to_cpu()
+        kept = state.io.draw
+        if not kept:  # bound once per rollout (a new binding and outputs each step: ~0.1 ms of a 6.5 ms step)
+            kept["u"] = np.empty(len(values), dtype=np.float64)
+            kept["out"] = [np.empty(len(values), dtype=t) for t in (np.int64, np.float32, np.float32, np.bool_)]
+            kept["binding"] = binding = self._sampler.io_binding()
+            binding.bind_ortvalue_input("logits", state.io.logits)
+            binding.bind_ortvalue_input("u", ort.OrtValue.ortvalue_from_numpy(kept["u"]))
+            for name, array in zip(("token", "logprob", "lse", "lost"), kept["out"]):
+                binding.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(array))
+        kept["u"][:] = u
+        self._sampler.run_with_iobinding(kept["binding"])
+        token, logprob, lse, lost = (array.copy() for array in kept["out"])
         lost &= np.isfinite(lse)  # a NaN row is refused by the caller's check_finite
         if lost.any():  # u x total fell between two roundings of the CDF: the full float64 CDF decides, on the host
             logits = state.io.logits.numpy()[lost]
