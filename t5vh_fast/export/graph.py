@@ -224,9 +224,7 @@ class Builder:
         Concat of the stored weights when the session starts (nothing more on disk; a batch-1 rollout's
         peak RSS stayed 305 MB, batch 64's 627), and each column of the result is the one its own
         product gives. A batch-1 decode step streams one 3 MB matrix instead of three of 1 MB:
-        6.13 against 6.59 ms a token (16 alternating rounds, faster in 15); batch 16 and 64 the same. The
-        packed graphs keep three products: at scoring's ~1,000 positions a call they are compute-bound,
-        and fused they gave 8.05 against 8.02 s a scoring pass (four alternating rounds)."""
+        6.13 against 6.59 ms a token (16 alternating rounds, faster in 15); batch 16 and 64 the same."""
         names = [f"{prefix}.self_{w}" for w in ("q", "k", "v")]
         if kind != "fp32" or any(f"{name}.scale" in self.weights for name in names):
             return [self.to_fp32(self.linear(h, name, rows=rows), kind) for name in names]
