@@ -151,22 +151,3 @@ def test_time_to_first_token_is_the_median_of_several_runs(tmp_path, monkeypatch
     result = workers.run_worker(spec)
     assert calls[1 : 1 + workers.TTFT_RUNS] == [1] * workers.TTFT_RUNS and workers.TTFT_RUNS == 3
     assert result["ttft_ms"] == pytest.approx(200.0)  # the median of 500, 100 and 200 ms (not the mean)
-
-
-def test_the_floor_times_the_products_the_step_runs(tiny_export):
-    """The floor's "matrix products alone" graph multiplies what the decoder graph does: q, k and v, which
-    it concatenates, as one matrix per layer; the bytes are every stored matrix, once."""
-    import onnx
-
-    from t5vh_fast.bench.workers import step_matrices
-
-    model = onnx.load(str(tiny_export / "t5vh_decoder.onnx"), load_external_data=False)
-    config = json.loads((tiny_export / "config.json").read_text())
-    d, inner = config["d_model"], config["num_heads"] * config["d_kv"]
-    stored = [
-        tuple(t.dims) for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2
-    ]
-    shapes = step_matrices(model)
-    assert shapes.count((d, 3 * inner)) == config["num_decoder_layers"]
-    assert len(shapes) == len(stored) - 2 * config["num_decoder_layers"]
-    assert sum(r * c for r, c in shapes) == sum(r * c for r, c in stored)

@@ -216,8 +216,7 @@ def floor_worker(spec: dict) -> dict:
     MatMuls (batch 1, same thread count) streaming a matrix as big as those
     weights; NumPy's copy bandwidth is reported beside it. Beside the floor, what
     the step's matrix products alone take in onnxruntime: one graph of only
-    MatMuls of the shapes the decoder multiplies at batch 1 (its matrices, those
-    it concatenates as one), its median run
+    MatMuls of the decoder's matrices' shapes at batch 1, its median run
     (``matmuls_ms``), so a report can say how much of a step is other work.
     """
     import numpy as np
@@ -225,7 +224,10 @@ def floor_worker(spec: dict) -> dict:
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    shapes = step_matrices(onnx.load(str(Path(spec["export_dir"]) / "t5vh_decoder.onnx"), load_external_data=False))
+    graph = onnx.load(str(Path(spec["export_dir"]) / "t5vh_decoder.onnx"), load_external_data=False).graph
+    shapes = [
+        tuple(init.dims) for init in graph.initializer if init.data_type == TensorProto.FLOAT and len(init.dims) == 2
+    ]
     weights = sum(rows * cols * 4 for rows, cols in shapes)
     options = ort.SessionOptions()
     options.intra_op_num_threads = spec["threads"]
@@ -260,23 +262,6 @@ def floor_worker(spec: dict) -> dict:
         "floor_ms": 1000 * weights / (read_gb_s * 1e9),
         "matmuls_ms": matmuls_ms,
     }
-
-
-def step_matrices(model) -> list:
-    """The (rows, columns) of the fp32 matrices a decoder graph multiplies: its 2-D initializers, those it
-    concatenates (self-attention's q, k and v) as the one matrix the step streams."""
-    from onnx import TensorProto
-
-    matrices = {
-        init.name: tuple(init.dims)
-        for init in model.graph.initializer
-        if init.data_type == TensorProto.FLOAT and len(init.dims) == 2
-    }
-    for node in model.graph.node:
-        if node.op_type == "Concat" and node.input and all(name in matrices for name in node.input):
-            parts = [matrices.pop(name) for name in node.input]
-            matrices[node.output[0]] = (parts[0][0], sum(cols for _, cols in parts))
-    return list(matrices.values())
 
 
 def _matmuls_only_ms(shapes: list, options) -> float:
