@@ -51,8 +51,7 @@ OPSET = 17
 # Which form of the hand-built graphs an export carries (its manifest's ``graphs_revision``); every form
 # loads, but the demo cache rebuilds an export of an older one, so that benchmarks measure this one.
 # 2: the decoder graph adds its fp32 products to the residual stream in Gemm nodes (``add_product``).
-# 3: ... and projects self-attention's q, k and v in one MatMul (``self_projections``).
-GRAPHS_REVISION = 3
+GRAPHS_REVISION = 2
 QUANTIZED_OPSET = 21  # int8 graphs: QuantizeLinear with one scale per row (blocked quantization)
 ENCODER_GRAPH = "t5vh_encoder.onnx"
 DECODER_GRAPH = "t5vh_decoder.onnx"
@@ -216,21 +215,6 @@ class Builder:
         if self.gemm_residuals and kind == "fp32" and f"{weight}.scale" not in self.weights:
             return self.node("Gemm", [a, self.weight(weight), x])
         return self.node("Add", [x, self.to_fp32(self.linear(a, weight), kind)])
-
-    def self_projections(self, h: str, prefix: str, kind: str, *, rows: str) -> List[str]:
-        """``h``'s self-attention q, k and v (``prefix``'s ``self_q``, ``self_k``, ``self_v``) in fp32.
-
-        fp32: one MatMul on the three matrices side by side, split in three. onnxruntime folds the
-        Concat of the stored weights when the session starts (nothing more on disk; a batch-1 rollout's
-        peak RSS stayed 305 MB, batch 64's 627), and each column of the result is the one its own
-        product gives. A batch-1 decode step streams one 3 MB matrix instead of three of 1 MB:
-        6.13 against 6.59 ms a token (16 alternating rounds, faster in 15); batch 16 and 64 the same."""
-        names = [f"{prefix}.self_{w}" for w in ("q", "k", "v")]
-        if kind != "fp32" or any(f"{name}.scale" in self.weights for name in names):
-            return [self.to_fp32(self.linear(h, name, rows=rows), kind) for name in names]
-        fused = self.node("Concat", [self.weight(name) for name in names], axis=1)
-        widths = self.const([self.weights[name].shape[1] for name in names])
-        return self.node("Split", [self.node("MatMul", [h, fused]), widths], axis=-1, outputs=3)
 
     def _ff_hidden(self, h: str, projected: List[str]) -> str:
         """The hidden layer from the input's one (or, gated, two) projections."""
@@ -425,7 +409,7 @@ def decoder_graph(spec: ModelSpec, weights: Dict[str, np.ndarray]) -> Builder:
         p = f"decoder.{i}"
         kind = b.types[f"{p}.self"]
         h = b.node("Reshape", [b.cast(b.norm(x, f"{p}.self_norm"), kind), row_shape])
-        q, k, v = b.self_projections(h, p, kind, rows="rows")
+        q, k, v = (b.to_fp32(b.linear(h, f"{p}.self_{w}", rows="rows"), kind) for w in ("q", "k", "v"))
         a, present_k, present_v = b.attention(
             q,
             k,
