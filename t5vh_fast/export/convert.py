@@ -24,7 +24,7 @@ from ..manifest import DECODER, DECODER_MERGED, DECODER_WITH_PAST, ENCODER, FORM
 from ..tensorrt import graph_input_dims
 from ..weights import PRECISIONS, ModelSpec, checkpoint_params, plan_record, weights_digest
 from .check import TOLERANCE, check_export, format_report
-from .graph import GRAPHS_REVISION, OPSET
+from .graph import OPSET
 from .optimize import fold_lm_head_scale
 from .optimum_map import fingerprinted, map_and_fill
 from .single import write_single_layout
@@ -335,7 +335,6 @@ def _manifest(model, model_dir, tmp: Path, layouts: dict, opset: int, *, precisi
         "model_type": model.config.model_type,
         "tie_word_embeddings": bool(model.config.tie_word_embeddings),
         "opset": opset,
-        "graphs_revision": GRAPHS_REVISION,
         "layouts": layouts,
         "files": {name: sha256_file(tmp / name) for name in files},
         "weights": {"single": plan_record(spec, precision)},

@@ -48,10 +48,6 @@ from onnx import TensorProto, helper, numpy_helper
 from ..weights import ROW_BLOCKS_KEY, ModelSpec, block_edges, row_block_name, sublayer_of
 
 OPSET = 17
-# Which form of the hand-built graphs an export carries (its manifest's ``graphs_revision``); every form
-# loads, but the demo cache rebuilds an export of an older one, so that benchmarks measure this one.
-# 2: the decoder graph adds its fp32 products to the residual stream in Gemm nodes (``add_product``).
-GRAPHS_REVISION = 2
 QUANTIZED_OPSET = 21  # int8 graphs: QuantizeLinear with one scale per row (blocked quantization)
 ENCODER_GRAPH = "t5vh_encoder.onnx"
 DECODER_GRAPH = "t5vh_decoder.onnx"
@@ -102,7 +98,6 @@ class Builder:
         self._nonnegative: set = set()  # values known to be >= 0 (ReLU outputs)
         self._masks: Dict[str, str] = {}  # int32 key masks -> their additive forms (grid_attention)
         self.row_blocks: Dict[str, List[int]] = {}  # matrix -> the edges of its row blocks (``feed_forward``)
-        self.gemm_residuals = False  # fp32 residual adds as Gemm nodes (``add_product``; a 2-D stream only)
 
     def input(self, name: str, dtype, dims) -> str:
         self.inputs.append(helper.make_tensor_value_info(name, dtype, dims))
@@ -195,7 +190,7 @@ class Builder:
         outer = f"{prefix}.ff_wo"
         blocks = min(blocks, self.weights[outer].shape[0])  # never an empty block
         if blocks == 1 or kind != "fp32" or f"{outer}.scale" in self.weights:
-            return self.add_product(x, hidden, outer, kind)
+            return self.node("Add", [x, self.to_fp32(self.linear(hidden, outer), kind)])
         edges = block_edges(self.weights[outer].shape[0], blocks)
         self.row_blocks[outer] = edges
         parts = self.node("Split", [hidden, self.const(np.diff(edges))], axis=-1, outputs=blocks)
@@ -204,17 +199,6 @@ class Builder:
             self.weights[name] = self.weights[outer][start:end]
             x = self.node("Add", [x, self.node("MatMul", [part, self.weight(name)])])
         return x
-
-    def add_product(self, x: str, a: str, weight: str, kind: str) -> str:
-        """The residual stream ``x`` plus ``a @ weight`` (``a`` in ``kind`` already), back in fp32.
-
-        With ``gemm_residuals`` (a P x d stream) an fp32 product is one Gemm that accumulates onto ``x``.
-        onnxruntime fuses MatMul and Add into that Gemm itself only where its shape inference proves
-        that both have the same rows, which a stream reshaped around attention does not let it (the
-        packed graphs' indices do). The 18 Add nodes this saves a batch-1 decode step were 2-7% of it."""
-        if self.gemm_residuals and kind == "fp32" and f"{weight}.scale" not in self.weights:
-            return self.node("Gemm", [a, self.weight(weight), x])
-        return self.node("Add", [x, self.to_fp32(self.linear(a, weight), kind)])
 
     def _ff_hidden(self, h: str, projected: List[str]) -> str:
         """The hidden layer from the input's one (or, gated, two) projections."""
@@ -400,16 +384,11 @@ def decoder_graph(spec: ModelSpec, weights: Dict[str, np.ndarray]) -> Builder:
     select = b.input("select", TensorProto.INT64, ["picked"])
     # the N samples of a query attend to its keys/values as N x T query positions of one row
     group_shape = b.node("Concat", [b.node("Shape", [enc_mask], start=0, end=1), b.const([-1, spec.inner])], axis=0)
-    # the residual stream is R*T x d (``add_product``); self-attention takes it as R x T x d
-    row_shape = b.node("Concat", [b.node("Shape", [x], start=0, end=1), b.const([-1, spec.d_model])], axis=0)
-    flat_shape = b.const([-1, spec.inner])
-    b.gemm_residuals = True
-    x = b.node("Reshape", [x, b.const([-1, spec.d_model])])
     for i in range(spec.decoder_layers):
         p = f"decoder.{i}"
         kind = b.types[f"{p}.self"]
-        h = b.node("Reshape", [b.cast(b.norm(x, f"{p}.self_norm"), kind), row_shape])
-        q, k, v = (b.to_fp32(b.linear(h, f"{p}.self_{w}", rows="rows"), kind) for w in ("q", "k", "v"))
+        h = b.cast(b.norm(x, f"{p}.self_norm"), kind)
+        q, k, v = (b.to_fp32(b.linear(h, f"{p}.self_{w}"), kind) for w in ("q", "k", "v"))
         a, present_k, present_v = b.attention(
             q,
             k,
@@ -421,15 +400,17 @@ def decoder_graph(spec: ModelSpec, weights: Dict[str, np.ndarray]) -> Builder:
         )
         b.output(present_k, f"present_key.{i}", TensorProto.FLOAT, ["rows", H, "capacity", dkv])
         b.output(present_v, f"present_value.{i}", TensorProto.FLOAT, ["rows", H, "capacity", dkv])
-        x = b.add_product(x, b.cast(b.node("Reshape", [a, flat_shape]), kind), f"{p}.self_o", kind)
+        x = b.node("Add", [x, b.to_fp32(b.linear(b.cast(a, kind), f"{p}.self_o"), kind)])
         kind = b.types[f"{p}.cross"]
         q = b.linear(b.cast(b.norm(x, f"{p}.cross_norm"), kind), f"{p}.cross_q")
         grouped = b.node("Reshape", [q, group_shape])
         a = b.attention(grouped, cross[i][0], cross[i][1], key_padding_mask=enc_mask)
-        x = b.add_product(x, b.node("Reshape", [a, flat_shape]), f"{p}.cross_o", kind)
+        a = b.node("Reshape", [a, b.node("Shape", [q])])
+        x = b.node("Add", [x, b.to_fp32(b.linear(a, f"{p}.cross_o"), kind)])
         x = b.feed_forward(x, p)
     hidden = b.norm(x, "decoder.final_norm")
-    picked = b.node("Gather", [hidden, select], axis=0)
+    flat = b.node("Reshape", [hidden, b.const([-1, spec.d_model])])
+    picked = b.node("Gather", [flat, select], axis=0)
     b.heads_at(picked)
     return b
 
