@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import numpy as np
 import onnxruntime as ort
 
-from . import gpu
+from . import gpu, hugepages
 from .errors import ExportError, InputError, ProviderError, T5vhError
 from .tensorrt import TensorrtOptions, tensorrt_provider_options, without_tensorrt_environment
 
@@ -239,6 +239,7 @@ def make_session(
         options.add_external_initializers(list(initializers), values)
     entries = provider_entries(path, providers, cuda, tensorrt)
     hide_env = without_tensorrt_environment() if TENSORRT in providers else contextlib.nullcontext()
+    before = hugepages.anonymous_mappings() if providers[0] == CPU else None  # what the session will map
     try:
         with stdout_to_stderr(), hide_env, provider_errors(providers, f"starting {path.name}", creating=True):
             session = ort.InferenceSession(str(path), sess_options=options, providers=entries)
@@ -252,6 +253,7 @@ def make_session(
         ) from None
     if providers[0] != CPU and session.get_providers()[0] != providers[0]:
         raise ProviderError(_did_not_start(providers[0], path, session.get_providers()))
+    hugepages.collapse_later(before)  # its pre-packed weights into 2 MB pages, where the kernel allows
     return session
 
 
