@@ -20,13 +20,25 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import mmap
 import sys
 import threading
 from typing import Iterable, Optional, Set, Tuple
 
-HUGE_PAGE = 2 * 2**20
 MADV_COLLAPSE = 25  # linux/mman.h (6.1)
-_PAGE = 4096
+_PAGE = mmap.PAGESIZE
+
+
+def _huge_page_size(path: str = "/sys/kernel/mm/transparent_hugepage/hpage_pmd_size") -> int:
+    """The kernel's PMD huge page (2 MB on x86-64; 512 MB on 64 KB-page Arm kernels)."""
+    try:
+        with open(path) as file:
+            return int(file.read())
+    except (OSError, ValueError):
+        return 2 * 2**20
+
+
+HUGE_PAGE = _huge_page_size()
 
 _libc: Optional[ctypes.CDLL] = None
 
