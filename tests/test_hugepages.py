@@ -87,5 +87,6 @@ def test_a_cpu_session_hands_what_it_mapped_to_the_collapse(tmp_path, monkeypatc
     assert len(seen) == 1 and not set(seen[0]) & before  # only mappings that the session's start made
     assert max(end - start for start, end in seen[0]) >= weight.nbytes
     x = np.ones((1, 2560), dtype=np.float32)
-    np.testing.assert_allclose(session.run(None, {"x": x})[0], x @ weight, rtol=1e-5)
+    expected = x @ weight  # two float computations: DESIGN's tolerance, 1e-4 of the largest value
+    np.testing.assert_allclose(session.run(None, {"x": x})[0], expected, rtol=0, atol=1e-4 * np.abs(expected).max())
     assert hugepages.collapse_later(None) is None  # CUDA sessions pass None: nothing to do
