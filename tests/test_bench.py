@@ -151,3 +151,23 @@ def test_time_to_first_token_is_the_median_of_several_runs(tmp_path, monkeypatch
     result = workers.run_worker(spec)
     assert calls[1 : 1 + workers.TTFT_RUNS] == [1] * workers.TTFT_RUNS and workers.TTFT_RUNS == 3
     assert result["ttft_ms"] == pytest.approx(200.0)  # the median of 500, 100 and 200 ms (not the mean)
+
+
+def test_the_floor_share_is_taken_round_by_round():
+    def step(i, ms):
+        timing = {"step_ms_p50": ms, "step_ms_p95": ms, "per_step_timed": True, "ttft_ms": 20.0, "peak_rss_mb": 300.0}
+        return {"system": "t5vh", "batch": 1, "round": i, "tokens_per_s": 1000.0 / ms, **timing}
+
+    def floor(i, ms, gb_s):
+        return {"round": i, "floor_ms": ms, "read_gb_s": gb_s, "weight_bytes": 154e6, "copy_gb_s": 20.0}
+
+    # round 1: the machine slowed down for both the floor and the step; round 2's floor failed
+    results = [step(0, 5.0), step(1, 8.0), step(2, 5.0)]
+    floors = [floor(0, 4.5, 34.0), floor(1, 7.2, 21.0), {"round": 2, "error": "over the 120 s cap"}]
+    report = {"results": results, "floors": floors, "floor": floors[0]}
+    assert bench.floor_shares(report) == [0.9, 0.9]  # not 4.5 / median(5, 8, 5) against the best floor alone
+    machine = {"cpu": "x", "cores": 2, "threads": 2, "providers": ["CPUExecutionProvider"], "versions": {}}
+    workload = {"query_tokens": 64, "new_tokens": 128, "batch_sizes": [1], "repeat": 3}
+    table = bench.markdown({**report, "machine": machine, "workload": workload, "systems": {"t5vh": ""}})
+    assert "the best of 2 rounds' measurements" in table and "= 90% of the floor" in table
+    assert "Round by round" in table and "t5vh at 90% of the floor (90%-90%)" in table

@@ -11,7 +11,18 @@ length, batches of 32). Every system gets the same thread count.
     report.py   running them, and the table, JSON and plot
 """
 
-from .report import baseline_of, machine_info, markdown, plot, ratio_runs, ratios, run_benchmark, spawn, summary
+from .report import (
+    baseline_of,
+    floor_shares,
+    machine_info,
+    markdown,
+    plot,
+    ratio_runs,
+    ratios,
+    run_benchmark,
+    spawn,
+    summary,
+)
 from .systems import GPU_SYSTEMS, SCORE_SYSTEMS, SYSTEMS, StepClock, available_systems, ct2_model, why_unavailable
 from .workers import QUERY_LEN, peak_rss_mb, rollout_parity, rss_mb, score_batches
 
@@ -24,6 +35,7 @@ __all__ = [
     "available_systems",
     "baseline_of",
     "ct2_model",
+    "floor_shares",
     "machine_info",
     "markdown",
     "peak_rss_mb",
