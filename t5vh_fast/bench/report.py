@@ -99,7 +99,9 @@ def run_benchmark(
     every batch size) or ``"score"`` (every system on the same sorted batches).
     ``repeat``: rounds; each round runs every (system, batch size) once, so a
     ratio is taken between runs of the same round (``ratio_runs``) and a
-    machine that slows down for a while slows both sides of it.
+    machine that slows down for a while slows both sides of it. For the same
+    reason the batch-1 bandwidth floor is measured in each round, just before
+    t5vh's batch-1 run (``floors``; ``floor`` is the best of them).
     """
     from tqdm import tqdm
 
