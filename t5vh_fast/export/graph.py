@@ -234,38 +234,71 @@ class Builder:
             scale=1.0,
         )
 
-    def grid_indices(self, flat: str, rows: str, length: str) -> tuple:
+    def grid_indices(self, flat: str, rows: str, length: str, *, zeros: bool = False) -> dict:
         """Where P packed positions sit in an X x H x L x d grid: ``flat`` holds their P indices into
-        X x L (row-major; ``rows`` = [X], ``length`` = [L]). Returns the grid's zeros and the P x H x 3
-        (row, head, position) indices that ``to_grid`` and ``from_grid`` take: the heads are split
-        where the positions are scattered, so attention needs no Transpose on either side. The
-        indices are made by broadcasting, so onnxruntime knows the shapes that follow (P x H*d after
+        X x L (row-major; ``rows`` = [X], ``length`` = [L]). Returns what ``to_grid`` and ``from_grid``
+        take: ``cells`` (X x H x L), the one of the P x H packed rows of d each grid cell reads (the heads
+        are split where the positions are gathered, so attention needs no Transpose on either side; a
+        cell without a position reads position 0's), and ``positions`` (P x H), where each packed row
+        sits among the grid's X x H x L rows of d. With ``zeros``, also what ``to_grid(..., zeros=True)``
+        needs: the grid's zeros and the P x H x 3 (row, head, position) indices to scatter into them.
+        The indices are made by broadcasting, so onnxruntime knows the shapes that follow (P x H*d after
         ``from_grid``), and fuses the output projection with its residual Add into one Gemm."""
         H, d = self.spec.num_heads, self.spec.d_kv
-        heads = np.zeros((1, H, 3), dtype=np.int64)
-        heads[0, :, 1] = np.arange(H)
-
-        def place(index: str, axis: int) -> str:  # P -> P x 1 x 3, the index at ``axis`` of the last
-            unit = np.zeros((1, 1, 3), dtype=np.int64)
-            unit[0, 0, axis] = 1
-            return self.node("Mul", [self.node("Unsqueeze", [index, self.const([1, 2])]), self.const(unit)])
-
         row, position = self.node("Div", [flat, length]), self.node("Mod", [flat, length])
-        spread = self.node("Add", [place(row, 0), place(position, 2)])
-        indices = self.node("Add", [spread, self.const(heads)])
-        shape = self.node("Concat", [rows, self.const([H]), length, self.const([d])], axis=0)
-        zeros = self.node("ConstantOfShape", [shape], value=numpy_helper.from_array(np.zeros(1, np.float32)))
-        return zeros, indices
+        grid = {}
+        # P x H: ((row x H) + head) x L + position
+        head_rows = self.node(
+            "Add", [self.node("Mul", [self._column(row), self.const(H)]), self.const([list(range(H))])]
+        )
+        grid["positions"] = self.node("Add", [self.node("Mul", [head_rows, length]), self._column(position)])
+        # X x L: the packed position at each cell (0 where none), then X x H x L: its row of d for each head
+        count = self.node("Squeeze", [self.node("Shape", [flat])])
+        packed = self.node("Range", [self.const(0), count, self.const(1)])
+        at = self.node(
+            "ConstantOfShape", [self.node("Mul", [rows, length])], value=numpy_helper.from_array(np.zeros(1, np.int64))
+        )
+        at = self.node("ScatterElements", [at, flat, packed], axis=0)
+        at = self.node("Reshape", [at, self.node("Concat", [rows, self.const([1]), length], axis=0)])
+        grid["cells"] = self.node(
+            "Add", [self.node("Mul", [at, self.const(H)]), self.const(np.arange(H).reshape(1, H, 1))]
+        )
+        if zeros:
+            heads = np.zeros((1, H, 3), dtype=np.int64)
+            heads[0, :, 1] = np.arange(H)
 
-    def to_grid(self, x: str, grid: tuple) -> str:
-        """P x H*d fp32 -> the X x H x L x d grid of ``grid_indices``, zeros where no position is."""
-        zeros, indices = grid
-        split = self.node("Reshape", [x, self.const([0, self.spec.num_heads, self.spec.d_kv])])
-        return self.node("ScatterND", [zeros, indices, split])
+            def place(index: str, axis: int) -> str:  # P -> P x 1 x 3, the index at ``axis`` of the last
+                unit = np.zeros((1, 1, 3), dtype=np.int64)
+                unit[0, 0, axis] = 1
+                return self.node("Mul", [self.node("Unsqueeze", [index, self.const([1, 2])]), self.const(unit)])
 
-    def from_grid(self, x: str, grid: tuple) -> str:
+            spread = self.node("Add", [place(row, 0), place(position, 2)])
+            grid["scatter"] = self.node("Add", [spread, self.const(heads)])
+            shape = self.node("Concat", [rows, self.const([H]), length, self.const([d])], axis=0)
+            grid["zeros"] = self.node(
+                "ConstantOfShape", [shape], value=numpy_helper.from_array(np.zeros(1, np.float32))
+            )
+        return grid
+
+    def _column(self, x: str) -> str:
+        return self.node("Unsqueeze", [x, self.const([1])])
+
+    def to_grid(self, x: str, grid: dict, *, zeros: bool = False) -> str:
+        """P x H*d fp32 -> the X x H x L x d grid of ``grid_indices``. The cells without a position hold a
+        copy of position 0's numbers, which attention never weighs (they are masked or after every position
+        of their row, and -1e9 leaves exp() exactly 0); with ``zeros`` (a ``grid_indices(..., zeros=True)``)
+        they hold zeros, for outputs others read and attention that masks with less (``MultiHeadAttention``)."""
+        if zeros:
+            split = self.node("Reshape", [x, self.const([0, self.spec.num_heads, self.spec.d_kv])])
+            return self.node("ScatterND", [grid["zeros"], grid["scatter"], split])
+        return self.node("Gather", [self.node("Reshape", [x, self.const([-1, self.spec.d_kv])]), grid["cells"]], axis=0)
+
+    def from_grid(self, x: str, grid: dict) -> str:
         """The P positions of an X x H x L x d grid, as P x H*d."""
-        return self.node("Reshape", [self.node("GatherND", [x, grid[1]]), self.const([0, self.spec.inner])])
+        rows = self.node("Reshape", [x, self.const([-1, self.spec.d_kv])])
+        return self.node(
+            "Reshape", [self.node("Gather", [rows, grid["positions"]], axis=0), self.const([0, self.spec.inner])]
+        )
 
     def grid_attention(self, query: str, key: str, value: str, *, bias: str = "", mask: str = "", kind: str = "fp32"):
         """Attention of ``query`` (X x H x L x d) over ``key``/``value`` (X x H x L' x d), in that layout,
@@ -423,8 +456,8 @@ def packed_decoder_graph(spec: ModelSpec, weights: Dict[str, np.ndarray]) -> Bui
     ``grid`` = (R, T), each row's positions up to its last scored one), ``position_bias`` (1 x H x T x T,
     causal), ``encoder_mask`` and the cross K/V as in the decoder graph, and ``select`` (M indices into
     the P positions). Outputs ``logits`` (M x V) and ``value`` (M). Only attention sees the grid: q, k, v
-    are scattered into it, split into heads (zeros elsewhere, which causality hides from every active
-    position), and the result gathered back; the projections, norms and feed-forward layers run on the
+    are gathered into it, split into heads (copies of position 0 elsewhere, which causality hides from
+    every active position), and the result gathered back; the projections, norms and feed-forward layers run on the
     P positions. Its weights are the decoder graph's, read from that graph's ``.data`` file (``save_beside``),
     the feed-forward output matrices as ``FF_BLOCKS`` blocks of rows.
     """
@@ -468,8 +501,9 @@ def packed_encoder_graph(spec: ModelSpec, weights: Dict[str, np.ndarray]) -> Bui
     """The encoder graph's numbers without the queries' padding: ``inputs_embeds`` holds only the P real
     tokens, at the flat ``active`` indices into B x S (where ``attention_mask`` is 1). The projections,
     norms and feed-forward layers run on those P positions, attention on the B x S grid (q, k, v
-    scattered into it, split into heads, zeros at the padding, which the mask hides as keys). Outputs
-    the cross K/V of the encoder graph (B x H x S x d), zeros at the padding. Its weights are the
+    gathered into it, split into heads; at the padding, which the mask hides as keys, copies of position
+    0, or zeros where the sublayer is 16-bit). Outputs the cross K/V of the encoder graph (B x H x S x d),
+    zeros at the padding. Its weights are the
     encoder graph's, read from that graph's ``.data`` file (``save_beside``), the feed-forward output
     matrices as ``FF_BLOCKS`` blocks of rows."""
     b = Builder("t5vh_encoder_packed", weights, spec)
@@ -477,12 +511,15 @@ def packed_encoder_graph(spec: ModelSpec, weights: Dict[str, np.ndarray]) -> Bui
     active = b.input("active", TensorProto.INT64, ["positions"])
     mask = b.input("attention_mask", TensorProto.INT32, ["batch", "seq"])
     bias = b.input("position_bias", TensorProto.FLOAT, [1, spec.num_heads, "seq", "seq"])
-    grid = b.grid_indices(active, b.node("Shape", [mask], start=0, end=1), b.node("Shape", [mask], start=1, end=2))
+    grid = b.grid_indices(
+        active, b.node("Shape", [mask], start=0, end=1), b.node("Shape", [mask], start=1, end=2), zeros=True
+    )
     for i in range(spec.encoder_layers):
         p = f"encoder.{i}"
         kind = b.types[f"{p}.attn"]
         h = b.cast(b.norm(x, f"{p}.attn_norm"), kind)
-        q, k, v = (b.cast(b.to_grid(b.to_fp32(b.linear(h, f"{p}.attn_{w}"), kind), grid), kind) for w in "qkv")
+        projected = (b.to_fp32(b.linear(h, f"{p}.attn_{w}"), kind) for w in "qkv")
+        q, k, v = (b.cast(b.to_grid(value, grid, zeros=kind != "fp32"), kind) for value in projected)
         a = b.from_grid(b.grid_attention(q, k, v, bias=b.cast(bias, kind), mask=mask, kind=kind), grid)
         x = b.node("Add", [x, b.to_fp32(b.linear(a, f"{p}.attn_o"), kind)])
         x = b.feed_forward(x, p, blocks=FF_BLOCKS)
@@ -492,7 +529,9 @@ def packed_encoder_graph(spec: ModelSpec, weights: Dict[str, np.ndarray]) -> Bui
         for name in ("key", "value"):  # projected at the P positions, then into the grid the decoder reads
             projected = b.to_fp32(b.linear(b.cast(hidden, kind), f"decoder.{i}.cross_{name[0]}"), kind)
             dims = ["batch", spec.num_heads, "seq", spec.d_kv]
-            b.output(b.cast(b.to_grid(projected, grid), kind), f"cross_{name}.{i}", _COMPUTE_TYPES[kind], dims)
+            b.output(
+                b.cast(b.to_grid(projected, grid, zeros=True), kind), f"cross_{name}.{i}", _COMPUTE_TYPES[kind], dims
+            )
     return b
 
 
