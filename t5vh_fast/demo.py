@@ -179,14 +179,14 @@ def demo_export(size: str, cache_dir: Path, *, precision: str = "fp32", log=lamb
 
 
 def _current(manifest: dict, export_dir: Path) -> bool:
-    """Whether a cached export is what this t5vh_fast would write: format, single-layout tensor plan, and
-    the newest graph of that layout (the packed encoder)."""
+    """Whether a cached export is what this t5vh_fast would write: format, graph revision, single-layout
+    tensor plan, and the newest graph of that layout (the packed encoder)."""
     import json
 
-    from .manifest import FORMAT_VERSION, PACKED_ENCODER_GRAPH
+    from .manifest import FORMAT_VERSION, GRAPH_REVISION, PACKED_ENCODER_GRAPH
     from .weights import ModelSpec, plan_record
 
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") != FORMAT_VERSION or manifest.get("graph_revision", 1) != GRAPH_REVISION:
         return False
     if PACKED_ENCODER_GRAPH not in manifest.get("layouts", {}).get("single", ()):
         return False

@@ -14,6 +14,11 @@ from .errors import ExportError, PathNotFound
 MANIFEST_NAME = "t5vh_manifest.json"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # format 1: Optimum's graphs only, no weight map
+# How t5vh builds its own graphs: raised when their nodes change but not their inputs and outputs (not a format
+# change: an older export still loads and gives the same numbers). Recorded in the manifest, so the demo cache
+# (``demo.demo_export``, the benchmarks) exports again instead of timing graphs this version no longer writes.
+# 2: the packed graphs gather q, k and v into attention's grid instead of scattering them into zeros.
+GRAPH_REVISION = 2
 ENCODER = "encoder_model.onnx"
 DECODER = "decoder_model.onnx"
 DECODER_WITH_PAST = "decoder_with_past_model.onnx"

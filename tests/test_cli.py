@@ -47,6 +47,31 @@ def test_small_demo_is_t5_small_shaped():
     )
 
 
+def test_the_demo_cache_exports_again_when_its_graphs_are_older(tmp_path, monkeypatch):
+    """A cached demo export is reused while it is what this version writes; one made by a version that built
+    its graphs otherwise (an older ``graph_revision``, or none) is exported again, not timed as it is."""
+    import t5vh_fast.export
+    from t5vh_fast.demo import demo_export
+    from t5vh_fast.manifest import GRAPH_REVISION, MANIFEST_NAME
+
+    first = demo_export("tiny", tmp_path)
+    path = first / MANIFEST_NAME
+    manifest = json.loads(path.read_text())
+    assert manifest["graph_revision"] == GRAPH_REVISION
+    calls = []
+    export = t5vh_fast.export.export
+    monkeypatch.setattr(t5vh_fast.export, "export", lambda *a, **kw: calls.append(a) or export(*a, **kw))
+    assert demo_export("tiny", tmp_path) == first and calls == []
+    for older in (GRAPH_REVISION - 1, None):
+        manifest["graph_revision"] = older
+        if older is None:
+            del manifest["graph_revision"]
+        path.write_text(json.dumps(manifest))
+        assert demo_export("tiny", tmp_path) == first and len(calls) == 1
+        assert json.loads(path.read_text())["graph_revision"] == GRAPH_REVISION
+        calls.clear()
+
+
 def test_demo_write_and_run(tmp_path):
     runner = CliRunner()
     result = runner.invoke(demo_command, ["write", str(tmp_path / "m"), "--size", "tiny"])

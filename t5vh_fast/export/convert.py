@@ -20,7 +20,15 @@ from typing import Callable, Optional
 from .._files import exclusive_lock, is_within, remove_leftovers, replace_dir, sha256_file, write_json_atomic
 from ..checkpoint import load_reference
 from ..errors import InputError, NonFiniteError, OutputError, ParityError, PathExists, PathNotFound
-from ..manifest import DECODER, DECODER_MERGED, DECODER_WITH_PAST, ENCODER, FORMAT_VERSION, MANIFEST_NAME
+from ..manifest import (
+    DECODER,
+    DECODER_MERGED,
+    DECODER_WITH_PAST,
+    ENCODER,
+    FORMAT_VERSION,
+    GRAPH_REVISION,
+    MANIFEST_NAME,
+)
 from ..tensorrt import graph_input_dims
 from ..weights import PRECISIONS, ModelSpec, checkpoint_params, plan_record, weights_digest
 from .check import TOLERANCE, check_export, format_report
@@ -330,6 +338,7 @@ def _manifest(model, model_dir, tmp: Path, layouts: dict, opset: int, *, precisi
     spec = ModelSpec.from_config(model.config.to_dict())
     return {
         "format_version": FORMAT_VERSION,
+        "graph_revision": GRAPH_REVISION,
         "precision": precision,
         "head_layout": model.head_layout,
         "model_type": model.config.model_type,
