@@ -249,7 +249,7 @@ class Builder:
         grid = {}
         # P x H: ((row x H) + head) x L + position
         head_rows = self.node(
-            "Add", [self.node("Mul", [self._column(row), self.const(H)]), self.const([list(range(H))])]
+            "Add", [self.node("Mul", [self._column(row), self.const(H)]), self.const(np.arange(H).reshape(1, H))]
         )
         grid["positions"] = self.node("Add", [self.node("Mul", [head_rows, length]), self._column(position)])
         # X x L: the packed position at each cell (0 where none), then X x H x L: its row of d for each head
@@ -457,8 +457,8 @@ def packed_decoder_graph(spec: ModelSpec, weights: Dict[str, np.ndarray]) -> Bui
     causal), ``encoder_mask`` and the cross K/V as in the decoder graph, and ``select`` (M indices into
     the P positions). Outputs ``logits`` (M x V) and ``value`` (M). Only attention sees the grid: q, k, v
     are gathered into it, split into heads (copies of position 0 elsewhere, which causality hides from
-    every active position), and the result gathered back; the projections, norms and feed-forward layers run on the
-    P positions. Its weights are the decoder graph's, read from that graph's ``.data`` file (``save_beside``),
+    every active position), and the result gathered back; the projections, norms and feed-forward
+    layers run on the P positions. Its weights are the decoder graph's, read from that graph's ``.data`` file (``save_beside``),
     the feed-forward output matrices as ``FF_BLOCKS`` blocks of rows.
     """
     b = Builder("t5vh_decoder_packed", weights, spec)
@@ -503,9 +503,8 @@ def packed_encoder_graph(spec: ModelSpec, weights: Dict[str, np.ndarray]) -> Bui
     norms and feed-forward layers run on those P positions, attention on the B x S grid (q, k, v
     gathered into it, split into heads; at the padding, which the mask hides as keys, copies of position
     0, or zeros where the sublayer is 16-bit). Outputs the cross K/V of the encoder graph (B x H x S x d),
-    zeros at the padding. Its weights are the
-    encoder graph's, read from that graph's ``.data`` file (``save_beside``), the feed-forward output
-    matrices as ``FF_BLOCKS`` blocks of rows."""
+    zeros at the padding. Its weights are the encoder graph's, read from that graph's ``.data`` file
+    (``save_beside``), the feed-forward output matrices as ``FF_BLOCKS`` blocks of rows."""
     b = Builder("t5vh_encoder_packed", weights, spec)
     x = b.input("inputs_embeds", TensorProto.FLOAT, ["positions", spec.d_model])
     active = b.input("active", TensorProto.INT64, ["positions"])
