@@ -176,6 +176,7 @@ class OnnxDecoder(ABC):
 
     layout = ""
     files: Tuple[str, ...] = ()
+    memory_patterns = True  # onnxruntime's, per session (``session_options``)
 
     def __init__(
         self,
@@ -222,6 +223,7 @@ class OnnxDecoder(ABC):
             cuda=self.cuda,
             tensorrt=self.tensorrt,
             initializers=initializers,
+            memory_patterns=self.memory_patterns,
         )
 
     def with_weights(self, arrays: Dict[str, Dict[str, np.ndarray]]) -> OnnxDecoder:
@@ -382,6 +384,7 @@ class SingleDecoder(OnnxDecoder):
         packed: bool = False,
         packed_encoder: bool = False,
         lazy_decoder: bool = False,
+        rows_at_once: bool = False,
         **kwargs,
     ):
         """``sampler`` / ``scorer`` / ``lookup``: the export lists ``t5vh_sampler.onnx`` /
@@ -394,9 +397,16 @@ class SingleDecoder(OnnxDecoder):
         sampling decoder's session, too, starts at its first step, so a process that only scores never
         holds its weights. Started at load, it is built first: its weights are the largest, and a
         session briefly holds its weights twice while it starts (peak RSS at batch 1: 308 MB built
-        first, 357 built after the encoder)."""
+        first, 357 built after the encoder). ``rows_at_once`` (a scoring process, with ``packed``): every
+        session runs on one thread, and on the CPU ``score_workers`` (``threads``, default all cores) runs
+        that many parts of a batch's rows at once, each on its own thread (``scoring.score``); the
+        sessions keep no memory patterns (``session_options``)."""
         self._lazy_decoder = lazy_decoder
         self._packed_encoder = packed_encoder  # asked for; then whether the encoder session runs it
+        workers = (kwargs.get("threads") or os.cpu_count() or 1) if rows_at_once and packed else 1
+        if workers > 1:
+            kwargs["threads"] = 1
+        self.memory_patterns = not (rows_at_once and packed)
         super().__init__(root, **kwargs)
         encoder_graph = self.graphs[0].session.get_modelmeta().graph_name
         self._packed_encoder = encoder_graph == Path(PACKED_ENCODER_GRAPH).stem
@@ -418,6 +428,7 @@ class SingleDecoder(OnnxDecoder):
         self._scorer = self._device_graph(SCORER_GRAPH) if scorer else None
         self._lookup = self._device_graph(LOOKUP_GRAPH) if lookup else None
         self._packed = self._lazy(PACKED_GRAPH) if packed and self.device == "cpu" else None
+        self.score_workers = workers if self._packed is not None else 1
         self._table = None  # the embedding on the device, for the lookup graph: copied there at its first use
         self._logits = threading.local()  # packed_scores' logits block (.block), kept between calls
         if self.device == "cuda":  # a GPU's batches look up thousands of rows a call; its host has the RAM
@@ -443,6 +454,7 @@ class SingleDecoder(OnnxDecoder):
             cuda=self.cuda,
             tensorrt=self.tensorrt,
             initializers=weights,
+            memory_patterns=self.memory_patterns,
         )
         return LazyGraph(start, self.device, self.device_id)
 

@@ -388,7 +388,9 @@ def load(
     ``for_scoring``: a process that scores and does not sample (a scoring job):
     on the CPU the sampling decoder then starts only if ``respond_to_batch`` is
     called, so only the packed scoring decoder holds the decoder's weights (on
-    the CPU ``score()`` runs that graph, started at its first call).
+    the CPU ``score()`` runs that graph, started at its first call), and each
+    session runs on one thread: ``score()`` runs ``threads`` parts of a batch's
+    queries at once instead, each on a thread of its own.
     Raises ``PathNotFound`` or ``ExportError`` naming what is wrong.
     """
     root = Path(export_dir).expanduser()
@@ -413,6 +415,6 @@ def load(
     }
     options = {option: name in needed for option, name in graphs.items()} if layout == "single" else {}
     if layout == "single":
-        options["lazy_decoder"] = bool(for_scoring) and options["packed"]
+        options["lazy_decoder"] = options["rows_at_once"] = bool(for_scoring) and options["packed"]
     opened = open_decoder(root, layout, providers=providers, threads=threads, cuda=cuda, tensorrt=tensorrt, **options)
     return OnnxPolicy(root, manifest, opened)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import math
 import numbers
 import os
@@ -37,7 +38,10 @@ def score(
     log-softmax; the rest of each R x T result is 0. Where the decoder has the
     packed graph (the CPU, an export that has it) and ``by_length`` is not
     given, the batch is one call of it (``packed_scores``): each row's
-    positions up to its last scored one, without padding. Otherwise, with
+    positions up to its last scored one, without padding; where the decoder
+    has ``score_workers`` (a scoring process's single-threaded sessions), its
+    queries are cut into that many parts (``query_parts``), each encoded and
+    scored on a thread of its own at once (``at_once``). Otherwise, with
     ``by_length`` (the default on the CPU) the rows are cut into groups of similar scored length
     (``length_groups``) and each group runs only as many positions as its
     longest row: attention is causal, so the positions after a row's last
@@ -54,16 +58,11 @@ def score(
     lengths = scored_lengths(response_mask)
     out = np.zeros((3, batch * length), dtype=np.float32)  # log-probs, values, entropy
     threads = (getattr(decoder, "threads", None) or os.cpu_count() or 1) if decoder.device == "cpu" else 1
-    if by_length is None and getattr(decoder, "scores_packed", False):  # the CPU: one call, no padding
-        chunks = logit_chunks(response_mask, decoder.packed_vocab) if lengths.any() else []
-        state = decoder.encode(ids, mask, num_samples=num_samples, capacity=None) if chunks else None
-        for rows in chunks:
-            part = state if len(rows) == batch else decoder.rows_of(state, rows, capacity=None)
-            steps = int(lengths[rows].max())
-            real = np.flatnonzero(response_mask[rows, :steps].reshape(-1))
-            logits, values = decoder.packed_scores(part, decoder_ids[rows, :steps], lengths[rows], real)
-            chosen = responses[rows, :steps].reshape(-1)[real]
-            _host_scores(out, logits, values, chosen, rows[real // steps] * length + real % steps, threads)
+    if by_length is None and getattr(decoder, "scores_packed", False):  # the CPU: no padding
+        work = lengths.reshape(-1, num_samples).sum(axis=1)
+        parts = query_parts(np.asarray(mask).sum(axis=1), work, getattr(decoder, "score_workers", 1))
+        inputs = (decoder, out, ids, mask, decoder_ids, responses, response_mask, lengths, num_samples)
+        at_once(functools.partial(_score_packed, *inputs, threads=threads if len(parts) == 1 else 1), parts)
         return _checked_scores(out, response_mask, precision, weights_version)
     if by_length is None:
         by_length = decoder.device == "cpu"
@@ -88,6 +87,69 @@ def score(
             logits, values, _ = decoder.step(part, decoder_ids[rows, :steps], select=real)
             _host_scores(out, logits, values, chosen, positions, threads)
     return _checked_scores(out, response_mask, precision, weights_version)
+
+
+def _score_packed(
+    decoder, out, ids, mask, decoder_ids, responses, response_mask, lengths, num_samples, queries, *, threads
+) -> None:
+    """The rows of ``queries`` (query indices, ascending) scored with the packed decoder into ``out``: one
+    encoder call, then one packed decoder call per ``logit_chunks`` run of their rows."""
+    rows = (queries[:, None] * num_samples + np.arange(num_samples)).reshape(-1)
+    length = responses.shape[1]
+    state = decoder.encode(ids[queries], mask[queries], num_samples=num_samples, capacity=None)
+    for chunk in logit_chunks(response_mask[rows], decoder.packed_vocab):
+        part = state if len(chunk) == len(rows) else decoder.rows_of(state, chunk, capacity=None)
+        picked = rows[chunk]
+        steps = int(lengths[picked].max())
+        real = np.flatnonzero(response_mask[picked, :steps].reshape(-1))
+        logits, values = decoder.packed_scores(part, decoder_ids[picked, :steps], lengths[picked], real)
+        chosen = responses[picked, :steps].reshape(-1)[real]
+        _host_scores(out, logits, values, chosen, picked[real // steps] * length + real % steps, threads)
+
+
+DECODER_COST = 1.75  # a scored position's work against an encoder token's (its LM head too; t5-small shape)
+
+
+def query_parts(tokens: np.ndarray, scored: np.ndarray, parts: int) -> list:
+    """The queries that have scored positions, cut into at most ``parts`` sets of about equal work (``tokens``
+    per query in the encoder, plus ``DECODER_COST`` x its rows' ``scored`` positions): each a
+    ``_score_packed`` call on its own thread. Largest first, each to the least loaded set; each ascending."""
+    busy = np.flatnonzero(np.asarray(scored) > 0)
+    cost = np.asarray(tokens)[busy] + DECODER_COST * np.asarray(scored)[busy]
+    count = max(1, min(int(parts), len(busy)))
+    load, members = np.zeros(count), [[] for _ in range(count)]
+    for query in np.argsort(-cost, kind="stable"):
+        k = int(np.argmin(load))
+        members[k].append(busy[query])
+        load[k] += cost[query]
+    return [np.sort(np.array(part, dtype=np.int64)) for part in members if part]
+
+
+_POOL: dict = {}  # at_once's thread pools, by size, each made once
+_POOL_LOCK = threading.Lock()
+if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's threads: it makes its own pool
+    os.register_at_fork(after_in_child=_POOL.clear)
+
+
+def at_once(function, parts: list) -> list:
+    """``function(part)`` for every part at once: the first on this thread, the others on the pool's threads
+    (onnxruntime and NumPy let go of the GIL while they work). Their results in order; an exception is
+    raised once every part has ended, so none still writes into a result when the caller sees it."""
+    if len(parts) <= 1:
+        return [function(part) for part in parts]
+    later = [_pool(len(parts) - 1).submit(function, part) for part in parts[1:]]
+    try:
+        first = function(parts[0])
+    finally:
+        concurrent.futures.wait(later)
+    return [first] + [future.result() for future in later]
+
+
+def _pool(size: int) -> concurrent.futures.ThreadPoolExecutor:
+    with _POOL_LOCK:
+        if size not in _POOL:
+            _POOL[size] = concurrent.futures.ThreadPoolExecutor(size, thread_name_prefix="t5vh-scoring")
+        return _POOL[size]
 
 
 def _host_scores(
@@ -172,12 +234,6 @@ def length_groups(lengths: np.ndarray, call_cost: Optional[int] = None) -> list:
 ROWS_AT_ONCE = 32
 
 
-_POOL: dict = {}  # the thread pool of the pass below, by its size, made once
-_POOL_LOCK = threading.Lock()
-if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's threads: it makes its own pool
-    os.register_at_fork(after_in_child=_POOL.clear)
-
-
 def log_normalizer_and_entropy(logits: np.ndarray, threads: int = 1):
     """Row-wise log-sum-exp and entropy of N x V ``logits`` (``log_normalizer_and_entropy_rows``) on up to
     ``threads`` threads, each on its own consecutive rows (NumPy lets go of the GIL in its loops): the
@@ -187,13 +243,8 @@ def log_normalizer_and_entropy(logits: np.ndarray, threads: int = 1):
     parts = max(1, min(int(threads), len(logits) // ROWS_AT_ONCE))
     if parts == 1:
         return log_normalizer_and_entropy_rows(logits)
-    with _POOL_LOCK:
-        if parts - 1 not in _POOL:
-            _POOL[parts - 1] = concurrent.futures.ThreadPoolExecutor(parts - 1, thread_name_prefix="t5vh-scoring")
-        pool = _POOL[parts - 1]
     cuts = np.linspace(0, len(logits), parts + 1).astype(int)
-    later = [pool.submit(log_normalizer_and_entropy_rows, logits[a:b]) for a, b in zip(cuts[1:-1], cuts[2:])]
-    results = [log_normalizer_and_entropy_rows(logits[: cuts[1]])] + [f.result() for f in later]
+    results = at_once(log_normalizer_and_entropy_rows, [logits[a:b] for a, b in zip(cuts[:-1], cuts[1:])])
     return tuple(np.concatenate(part) for part in zip(*results))
 
 

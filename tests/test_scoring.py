@@ -927,6 +927,91 @@ def test_threads_scoring_at_once_get_their_own_numbers(tiny_export, perturbed_di
             assert np.abs(got - alone[i % 4]).max() <= tol(alone[i % 4])
 
 
+@pytest.mark.parametrize("num_samples", [1, 3])
+def test_a_scoring_process_scores_parts_of_its_queries_at_once(tiny_export, monkeypatch, num_samples):
+    """load(for_scoring=True) on the CPU: every session on one thread, without memory patterns, and score()
+    runs `threads` parts of a batch's queries at once, each on a thread of its own (both parts are inside
+    the packed decoder together, or the barrier breaks); the numbers of a policy that scores a batch in one
+    call on two-thread sessions, holes in the masks and several samples per query included."""
+    import threading
+
+    scorer = t5vh_fast.load(tiny_export, providers="cpu", threads=2, for_scoring=True)
+    plain = t5vh_fast.load(tiny_export, providers="cpu", threads=2)
+    ids, mask = mixed_queries(5, 256, seed=42)
+    rng = np.random.default_rng(42)
+    rows = 5 * num_samples
+    responses, resp_mask = t5vh_fast.pad_batch([list(rng.integers(2, 256, size=n)) for n in rng.integers(1, 14, rows)])
+    resp_mask[1, 0] = 0  # a hole
+    resp_mask[2, 1:] = 0  # only the first position scored
+    decoder = scorer.decoder
+    assert decoder.score_workers == 2 and plain.decoder.score_workers == 1
+    meeting, seen = threading.Barrier(2, timeout=60), []
+    packed_scores = decoder.packed_scores
+
+    def meeting_first(state, tokens, lengths, real):
+        if len(seen) < 2:  # each part's first call waits for the other part's
+            seen.append((threading.get_ident(), state.rows))
+            meeting.wait()
+        return packed_scores(state, tokens, lengths, real)
+
+    monkeypatch.setattr(decoder, "packed_scores", meeting_first)
+    got = scorer.score(ids, responses, mask, resp_mask)
+    assert len({thread for thread, _ in seen}) == 2 and sum(n for _, n in seen) == rows
+    want = plain.score(ids, responses, mask, resp_mask)
+    for name in ("logprobs", "values", "entropy"):
+        assert np.abs(getattr(got, name) - getattr(want, name)).max() <= tol(getattr(want, name))
+    sessions = [*decoder.graphs, decoder._packed]
+    assert not decoder.graphs[1].started  # the sampling decoder waits for a rollout
+    for graph in sessions[:1] + sessions[2:]:
+        options = graph.session.get_session_options()
+        assert options.intra_op_num_threads == 1 and not options.enable_mem_pattern
+    options = plain.decoder.graphs[0].session.get_session_options()
+    assert options.intra_op_num_threads == 2 and options.enable_mem_pattern
+    one = scorer.score(ids[:1], responses[:num_samples], mask[:1], resp_mask[:num_samples])  # one query: one part
+    assert np.abs(one.logprobs - want.logprobs[:num_samples]).max() <= tol(want.logprobs)
+
+
+def test_query_parts_share_the_work():
+    """Every query with scored positions in exactly one part, none without; at most `parts` parts, each
+    ascending; largest first to the least loaded part, so no two parts differ by more than one query's work."""
+    tokens = np.array([10, 3, 8, 8, 1, 20, 5, 7])
+    scored = np.array([4, 0, 9, 2, 1, 30, 6, 3])
+    cost = tokens + scoring.DECODER_COST * scored
+    for parts in (1, 2, 3, 7, 20):
+        cut = scoring.query_parts(tokens, scored, parts)
+        assert len(cut) == min(parts, 7)
+        members = np.concatenate(cut)
+        assert sorted(members.tolist()) == [0, 2, 3, 4, 5, 6, 7]
+        assert all((np.diff(part) > 0).all() for part in cut)
+        loads = [cost[part].sum() for part in cut]
+        assert max(loads) - min(loads) <= cost.max()
+    assert scoring.query_parts(tokens, np.zeros(8), 2) == []
+    small = scoring.query_parts(np.ones(4), np.ones(4), 2)  # equal work: two and two
+    assert [len(part) for part in small] == [2, 2]
+
+
+def test_at_once_raises_only_after_every_part_ended():
+    """A part that fails is raised once the others have ended (none still writes into a shared result);
+    results come back in the parts' order."""
+    import threading
+    import time as clock
+
+    ended = threading.Event()
+
+    def work(part):
+        if part == 0:
+            raise ValueError("part 0 failed")
+        clock.sleep(0.3)
+        ended.set()
+        return part
+
+    with pytest.raises(ValueError, match="part 0"):
+        scoring.at_once(work, [0, 1])
+    assert ended.is_set()
+    assert scoring.at_once(lambda part: part * 2, [1, 2, 3]) == [2, 4, 6]
+    assert scoring.at_once(lambda part: part, []) == []
+
+
 @pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
 def test_a_forked_child_scores_with_threads_of_its_own(tiny_export):
     """The threaded log-softmax pass keeps a thread pool; a child forked after it was made (multiprocessing's
