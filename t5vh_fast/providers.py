@@ -240,9 +240,9 @@ def make_session(
 
     ``initializers`` replace the graph's stored weights of those names (the graph must
     keep them as external data); onnxruntime copies them, so the arrays may be dropped after.
-    ``memory_patterns`` as in ``session_options``.
+    ``memory_patterns`` as in ``session_options`` (the CPU's sessions; a GPU's keep them).
     """
-    options = session_options(threads, memory_patterns=memory_patterns)
+    options = session_options(threads, memory_patterns=memory_patterns or providers[0] != CPU)
     if initializers:
         values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in initializers.values()]
         options.add_external_initializers(list(initializers), values)
