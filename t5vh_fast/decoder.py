@@ -215,11 +215,15 @@ class OnnxDecoder(ABC):
         built = {name: self._session(name, provider_list) for name in order}
         return [built[name] for name in self.files]
 
+    def _session_threads(self, provider_list: List[str]) -> Optional[int]:
+        """The intra-op threads of a session on ``provider_list``."""
+        return self.threads
+
     def _session(self, name: str, provider_list: List[str], initializers=None) -> ort.InferenceSession:
         return make_session(
             self.root / name,
             provider_list,
-            self.threads,
+            self._session_threads(provider_list),
             cuda=self.cuda,
             tensorrt=self.tensorrt,
             initializers=initializers,
@@ -398,14 +402,13 @@ class SingleDecoder(OnnxDecoder):
         holds its weights. Started at load, it is built first: its weights are the largest, and a
         session briefly holds its weights twice while it starts (peak RSS at batch 1: 308 MB built
         first, 357 built after the encoder). ``rows_at_once`` (a scoring process, with ``packed``): every
-        session runs on one thread, and on the CPU ``score_workers`` (``threads``, default all cores) runs
-        that many parts of a batch's rows at once, each on its own thread (``scoring.score``); the
-        sessions keep no memory patterns (``session_options``)."""
+        on the CPU: every session runs on one thread, and ``score_workers`` (``threads``, default all
+        cores) runs that many parts of a batch's rows at once, each on its own thread (``scoring.score``);
+        the sessions keep no memory patterns (``session_options``)."""
         self._lazy_decoder = lazy_decoder
         self._packed_encoder = packed_encoder  # asked for; then whether the encoder session runs it
         workers = (kwargs.get("threads") or os.cpu_count() or 1) if rows_at_once and packed else 1
-        if workers > 1:
-            kwargs["threads"] = 1
+        self._one_thread = workers > 1  # the CPU's sessions (``_session_threads``)
         self.memory_patterns = not (rows_at_once and packed)
         super().__init__(root, **kwargs)
         encoder_graph = self.graphs[0].session.get_modelmeta().graph_name
@@ -439,6 +442,9 @@ class SingleDecoder(OnnxDecoder):
             return super()._sessions(provider_list)
         return [self._session(ENCODER_GRAPH, provider_list), None]  # the decoder starts at its first step
 
+    def _session_threads(self, provider_list):
+        return 1 if self._one_thread and provider_list[0] == CPU else self.threads
+
     def _session(self, name, provider_list, initializers=None):
         if name == ENCODER_GRAPH and self._packed_encoder and provider_list[0] == CPU:  # (CUDA: the encoder graph)
             name = PACKED_ENCODER_GRAPH  # the encoder's weights (the same names), without the padding's work
@@ -450,7 +456,7 @@ class SingleDecoder(OnnxDecoder):
             make_session,
             self.root / name,
             list(self.providers),
-            self.threads,
+            self._session_threads(self.providers),
             cuda=self.cuda,
             tensorrt=self.tensorrt,
             initializers=weights,

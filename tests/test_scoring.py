@@ -967,6 +967,8 @@ def test_a_scoring_process_scores_parts_of_its_queries_at_once(tiny_export, monk
         assert options.intra_op_num_threads == 1 and not options.enable_mem_pattern
     options = plain.decoder.graphs[0].session.get_session_options()
     assert options.intra_op_num_threads == 2 and options.enable_mem_pattern
+    # one thread is the CPU's: a GPU session of a scoring process keeps the threads asked for
+    assert decoder._session_threads(["CUDAExecutionProvider", "CPUExecutionProvider"]) == 2
     one = scorer.score(ids[:1], responses[:num_samples], mask[:1], resp_mask[:num_samples])  # one query: one part
     assert np.abs(one.logprobs - want.logprobs[:num_samples]).max() <= tol(want.logprobs)
 
