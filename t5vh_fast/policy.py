@@ -388,7 +388,7 @@ def load(
     ``for_scoring``: a process that scores and does not sample (a scoring job):
     on the CPU the sampling decoder then starts only if ``respond_to_batch`` is
     called, so only the packed scoring decoder holds the decoder's weights (on
-    the CPU ``score()`` runs that graph, started at its first call), and each
+    the CPU ``score()`` runs that graph, started at its first call), and each CPU
     session runs on one thread: ``score()`` runs ``threads`` parts of a batch's
     queries at once instead, each on a thread of its own.
     Raises ``PathNotFound`` or ``ExportError`` naming what is wrong.
