@@ -401,7 +401,7 @@ class SingleDecoder(OnnxDecoder):
         sampling decoder's session, too, starts at its first step, so a process that only scores never
         holds its weights. Started at load, it is built first: its weights are the largest, and a
         session briefly holds its weights twice while it starts (peak RSS at batch 1: 308 MB built
-        first, 357 built after the encoder). ``rows_at_once`` (a scoring process, with ``packed``): every
+        first, 357 built after the encoder). ``rows_at_once`` (a scoring process, with ``packed``),
         on the CPU: every session runs on one thread, and ``score_workers`` (``threads``, default all
         cores) runs that many parts of a batch's rows at once, each on its own thread (``scoring.score``);
         the sessions keep no memory patterns (``session_options``)."""
